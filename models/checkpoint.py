@@ -1,0 +1,138 @@
+"""The checkpoint file: self-describing, written atomically, loaded safely.
+
+Layout (DESIGN.md section 3), plain Python data and tensors only:
+
+    {"format": "ddpm-demo-unet", "version": 1,
+     "model_config": {...},           # UNet(**model_config) rebuilds the network
+     "noise_config": {...},           # NoiseSchedule(**noise_config)
+     "data": {"img_size": ..., ...},  # what the network was trained on
+     "model": state_dict,             # the weights, on the CPU
+     "model_sha256": "...",           # digest of the weights, checked on load
+     "train": {"args": {...}, "step": ..., "loss_history": [...], ...}}
+
+Because nothing in it is a custom class, ``torch.load(path, weights_only=True)``
+always reads it, and we never fall back to an unsafe load: a checkpoint is a
+pickle, and an unrestricted pickle can run any code when loaded.
+"""
+
+import hashlib
+import os
+
+import torch
+
+from .diffusion import NoiseSchedule
+from .errors import UserError
+from .files import atomic_write
+from .unet_model import UNet
+
+FORMAT = "ddpm-demo-unet"
+VERSION = 1
+
+
+def weights_digest(state_dict):
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_checkpoint(path, model, schedule, data, train_info):
+    """Write the checkpoint atomically: a temporary file in the same folder, then os.replace."""
+    state_dict = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    checkpoint = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_config": dict(model.config),
+        "noise_config": schedule.to_config(),
+        "data": dict(data),
+        "model": state_dict,
+        "model_sha256": weights_digest(state_dict),
+        "train": dict(train_info),
+    }
+    with atomic_write(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Read a checkpoint of ours and rebuild its network.
+
+    Returns (model in eval mode on ``device``, NoiseSchedule, the checkpoint dict).
+    Raises UserError, naming the file and the fix, for anything else.
+    """
+    checkpoint = _read_checkpoint_dict(path)
+    try:
+        model = UNet(**checkpoint["model_config"])
+        schedule = NoiseSchedule(**checkpoint["noise_config"])
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"checkpoint {path!r} describes a network this code cannot build ({exc})") from None
+    if weights_digest(checkpoint["model"]) != checkpoint["model_sha256"]:
+        raise UserError(
+            f"checkpoint {path!r} is corrupted: its weights do not match their SHA-256 digest "
+            "(copy or download it again)"
+        )
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as exc:
+        first_line = str(exc).strip().splitlines()[-1].strip()
+        raise UserError(
+            f"checkpoint {path!r} holds weights that do not fit the network it describes ({first_line})"
+        ) from None
+    return model.to(device).eval(), schedule, checkpoint
+
+
+def _read_checkpoint_dict(path):
+    """torch.load(weights_only=True) with the file checks and format checks in plain words."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path!r} does not exist (train one with ddpm_train.py, or check --model_path)")
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path!r} is a folder, not a checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"checkpoint {path!r} is empty (0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        raise UserError(
+            f"checkpoint {path!r} is a Git LFS pointer, not the real file (run 'git lfs pull' to fetch it)"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types here: truncated zip, bad pickle, refused global
+        raise UserError(f"checkpoint {path!r} cannot be read safely as a PyTorch file ({_why(exc)})") from None
+
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        if isinstance(checkpoint, dict) and checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
+            kind = "a bare state_dict"
+        else:
+            kind = "not a checkpoint of this project"
+        raise UserError(
+            f"checkpoint {path!r} is {kind} (no format {FORMAT!r}); "
+            "use a file written by ddpm_train.py"
+        )
+    version = checkpoint.get("version")
+    if not isinstance(version, int) or version < 1:
+        raise UserError(f"checkpoint {path!r} has an invalid format version {version!r}")
+    if version > VERSION:
+        raise UserError(
+            f"checkpoint {path!r} has format version {version}, newer than this code reads "
+            f"({VERSION}); update the code"
+        )
+    missing = [key for key in ("model_config", "noise_config", "data", "model", "model_sha256", "train")
+               if key not in checkpoint]
+    if missing:
+        raise UserError(f"checkpoint {path!r} is incomplete: it lacks {', '.join(missing)}")
+    weights = checkpoint["model"]
+    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+        raise UserError(f"checkpoint {path!r} is damaged: its 'model' entry is not a dict of tensors")
+    return checkpoint
+
+
+def _why(exc):
+    """The telling line of a torch.load failure, short enough for a one-line error."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    refused = [line for line in lines if "Unsupported global" in line]
+    if refused:  # the safe unpickler met a class or function: the file wants to run code
+        return "it holds Python objects that a safe load refuses: " + refused[0].split(" was not")[0]
+    return (lines[0] if lines else type(exc).__name__)[:200]

@@ -1,0 +1,113 @@
+"""What both command-line scripts share: argument checking, the device, the error exit.
+
+Every user mistake ends the same way: one line ``error: ...`` on stderr and
+exit status 2, before anything is written.
+"""
+
+import argparse
+import math
+import sys
+
+import torch
+
+from .errors import UserError
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds '(default: ...)' to each flag's help, except where the help already says it."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that shows defaults in --help and reports a bad flag in one line."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    value = _parse(int, text, "an integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text):
+    """argparse type: an integer >= 0."""
+    value = _parse(int, text, "an integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def int_in_range(low, high):
+    """argparse type factory: an integer in low..high inclusive."""
+
+    def parse(text):
+        value = _parse(int, text, "an integer")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {value}")
+        return value
+
+    return parse
+
+
+def positive_float(text):
+    """argparse type: a finite number > 0."""
+    value = _parse(float, text, "a number")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def int_list(text):
+    """argparse type: comma-separated positive integers, such as '1,2,4,8'."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 1,2,4,8, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"every multiplier must be at least 1, got {text!r}")
+    return values
+
+
+def _parse(kind, text, description):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {description}, got {text!r}") from None
+
+
+def add_device_argument(parser):
+    parser.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+        help="where to run: auto picks cuda, then mps, then cpu",
+    )
+
+
+def pick_device(name):
+    """Resolve --device to a torch.device, or raise UserError if the named one is missing."""
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if (name == "cuda" and not cuda) or (name == "mps" and not mps):
+        raise UserError(f"--device {name} is not available on this machine (use --device auto or cpu)")
+    return torch.device(name)
+
+
+def run(main):
+    """Call main(); turn a UserError into 'error: ...' on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

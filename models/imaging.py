@@ -1,0 +1,133 @@
+"""Image files <-> tensors in [-1, 1], and the result figure.
+
+One pair of converters, named for their ranges:
+
+    load_image(path, size) -> (1, 3, size, size) float32 in [-1, 1]
+    save_image(x, path)    <- (1, 3, H, W) or (3, H, W) in [-1, 1]
+
+Every file becomes an RGB picture as a person sees it: the EXIF orientation
+is applied, transparent pixels are laid on a white background, 16-bit
+grayscale is scaled (not clipped), palette and CMYK images are converted.
+Then the largest centred square is cut out and resized with antialiasing.
+"""
+
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .errors import UserError
+from .files import atomic_write
+
+BACKGROUND = (255, 255, 255)  # what transparent pixels are composited on: white
+FIGURE_WIDTH_PX = 1500
+
+
+def signed_to_unit(x):
+    """[-1, 1] -> [0, 1]."""
+    return (x + 1) / 2
+
+
+def unit_to_signed(x):
+    """[0, 1] -> [-1, 1]."""
+    return x * 2 - 1
+
+
+def load_image(path, size, warn=None):
+    """Read an image file as a (1, 3, size, size) float32 tensor in [-1, 1].
+
+    Raises UserError for a missing, empty, unreadable, truncated or
+    oversized file. ``warn(message)`` is called when the picture is smaller
+    than ``size`` and has to be enlarged.
+    """
+    rgb = _read_rgb(path)  # (H, W, 3) float32 in [0, 1]
+    height, width = rgb.shape[:2]
+    if min(height, width) < size and warn is not None:
+        warn(f"{path} is only {width}x{height} px: enlarging it to {size}x{size} will look soft")
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None]  # (1, 3, H, W)
+    x = _center_crop_square(x)  # (1, 3, S, S)
+    x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return unit_to_signed(x.clamp(0.0, 1.0)).contiguous()  # (1, 3, size, size) in [-1, 1]
+
+
+def _read_rgb(path):
+    """Decode an image file into an (H, W, 3) float32 array in [0, 1], or raise UserError."""
+    if not os.path.exists(path):
+        raise UserError(f"image {path!r} does not exist (check --image_path)")
+    if os.path.isdir(path):
+        raise UserError(f"image {path!r} is a folder, not an image file")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"image {path!r} is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 89 and 179 megapixels; treat that as the refusal it is
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()  # decode now, so a truncated file fails here
+                img = ImageOps.exif_transpose(img)  # turn phone photos upright
+                return _to_rgb_array(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(
+            f"image {path!r} declares more than {Image.MAX_IMAGE_PIXELS:,} pixels; "
+            "refusing it as a possible decompression bomb"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"image {path!r} cannot be read as an image ({exc})") from None
+
+
+def _to_rgb_array(img):
+    """Pillow image of any mode -> (H, W, 3) float32 in [0, 1]."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grayscale
+        gray = np.asarray(img, dtype=np.float32) / 65535.0
+        return np.repeat(np.clip(gray, 0.0, 1.0)[:, :, None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        img = Image.alpha_composite(background, rgba)
+    rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return rgb
+
+
+def _center_crop_square(x):
+    """(B, C, H, W) -> (B, C, S, S) with S = min(H, W), the centred square."""
+    height, width = x.shape[-2:]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return x[..., top : top + side, left : left + side]
+
+
+def to_pil(x):
+    """(1, 3, H, W) or (3, H, W) tensor in [-1, 1] -> 8-bit RGB Pillow image."""
+    x = x.detach().float().cpu().reshape(-1, *x.shape[-2:])  # (3, H, W)
+    pixels = (signed_to_unit(x.clamp(-1, 1)) * 255).round().to(torch.uint8)
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy(), mode="RGB")
+
+
+def save_image(x, path):
+    """Write a tensor in [-1, 1] as an 8-bit RGB PNG (atomically)."""
+    with atomic_write(path) as tmp:
+        to_pil(x).save(tmp, format="PNG")
+
+
+def save_triptych(panels, path):
+    """Draw images side by side with titles and save the figure as PNG (atomically).
+
+    panels: list of (title, image tensor in [-1, 1]).
+    """
+    count = len(panels)
+    dpi = 100
+    fig = Figure(figsize=(FIGURE_WIDTH_PX / dpi, FIGURE_WIDTH_PX / dpi / count + 0.9), dpi=dpi)
+    FigureCanvasAgg(fig)
+    for i, (title, image) in enumerate(panels):
+        ax = fig.add_subplot(1, count, i + 1)
+        ax.imshow(to_pil(image))
+        ax.set_title(title, fontsize=14)
+        ax.axis("off")
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)

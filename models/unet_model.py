@@ -1,0 +1,191 @@
+"""The network: a time-embedded residual U-Net, x0_hat = UNet(x_t, t).
+
+It owns nothing of the noise process. It is given a noisy image ``x_t`` and the
+integer timestep ``t`` and returns an image of the same shape; how ``x_t`` was
+made and what ``t`` means live in ``models/diffusion.py`` (STYLE.md, rule 1).
+
+The layout follows the U-Net of DDPM (Ho et al. 2020, appendix B), which in
+turn follows PixelCNN++ and the original U-Net (Ronneberger et al. 2015):
+
+    timestep t --sinusoidal embedding--> MLP --> temb (injected into every ResBlock)
+
+    x_t -> conv_in -> [ResBlock -> Down] * (levels - 1) -> ResBlock      encoder
+                   -> ResBlock -> ResBlock                               middle
+                   -> [concat skip -> ResBlock -> Up] * (levels - 1)
+                   -> concat skip -> ResBlock -> GroupNorm/SiLU/conv_out -> x0_hat
+
+With ``channel_mults = (1, 2, 4, 8)`` there are four levels; each Down halves
+the height and width, so the image side must be divisible by 2 ** 3 = 8.
+"""
+
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+GROUPS = 8  # GroupNorm groups; every width in the network must divide by it
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017, sec. 3.5).
+
+    t: (B,) integer or float tensor.  Returns (B, dim) float32, the first half
+    sines and the second half cosines of t at geometrically spaced frequencies
+    from 1 down to 1/10000.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)  # (dim/2,)
+    angles = t.float()[:, None] * freqs[None, :]  # (B, dim/2)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (B, dim)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv3x3, + time embedding, GroupNorm -> SiLU -> conv3x3, + shortcut."""
+
+    def __init__(self, in_ch, out_ch, temb_dim):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(GROUPS, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(GROUPS, out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        # a 1x1 conv matches the channel count of the residual path when it changes
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, temb):
+        """x: (B, in_ch, H, W), temb: (B, temb_dim) -> (B, out_ch, H, W)."""
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, out_ch, H, W)
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]  # tell the block how noisy x is
+        h = self.conv2(F.silu(self.norm2(h)))  # (B, out_ch, H, W)
+        return h + self.shortcut(x)
+
+
+class Down(nn.Module):
+    """Halve height and width with a stride-2 3x3 conv (channels unchanged)."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)  # (B, C, H, W) -> (B, C, H/2, W/2)
+
+
+class Up(nn.Module):
+    """Double height and width: nearest-neighbour upsampling, then a 3x3 conv."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+
+
+class UNet(nn.Module):
+    """x0_hat = UNet(x_t, t): predicts the clean image from a noisy one.
+
+    in_channels:   colour channels of the image (3 for RGB)
+    base_channels: width of the first level
+    channel_mults: width of each level as a multiple of base_channels; its
+                   length is the number of levels
+    """
+
+    def __init__(self, in_channels=3, base_channels=16, channel_mults=(1, 2, 4, 8)):
+        super().__init__()
+        check_config(in_channels, base_channels, channel_mults)
+        self.config = {
+            "in_channels": in_channels,
+            "base_channels": base_channels,
+            "channel_mults": list(channel_mults),
+        }
+        widths = [base_channels * m for m in channel_mults]
+        temb_dim = 4 * base_channels
+
+        self.time_mlp = nn.Sequential(
+            nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim)
+        )
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        self.encoder = nn.ModuleList()
+        self.downs = nn.ModuleList()
+        ch = base_channels
+        for level, width in enumerate(widths):
+            self.encoder.append(ResBlock(ch, width, temb_dim))
+            ch = width
+            if level < len(widths) - 1:
+                self.downs.append(Down(ch))
+
+        self.middle = nn.ModuleList([ResBlock(ch, ch, temb_dim), ResBlock(ch, ch, temb_dim)])
+
+        self.decoder = nn.ModuleList()
+        self.ups = nn.ModuleList()
+        for level, width in reversed(list(enumerate(widths))):
+            self.decoder.append(ResBlock(ch + width, width, temb_dim))  # + width: the skip
+            ch = width
+            if level > 0:
+                self.ups.append(Up(ch))
+
+        self.norm_out = nn.GroupNorm(GROUPS, ch)
+        self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
+
+    @property
+    def size_multiple(self):
+        """Height and width must divide by this: one halving per Down."""
+        return 2 ** len(self.downs)
+
+    def forward(self, x_t, t):
+        """x_t: (B, C, H, W) noisy image, t: (B,) timesteps -> x0_hat: (B, C, H, W)."""
+        B, C, H, W = x_t.shape
+        if H % self.size_multiple or W % self.size_multiple:
+            raise ValueError(
+                f"image size {H}x{W} is not divisible by {self.size_multiple}, "
+                f"which this {len(self.encoder)}-level U-Net needs"
+            )
+        temb = self.time_mlp(timestep_embedding(t, self.config["base_channels"]))  # (B, temb_dim)
+
+        h = self.conv_in(x_t)  # (B, base, H, W)
+        skips = []
+        for level, block in enumerate(self.encoder):
+            h = block(h, temb)  # (B, width, H / 2**level, W / 2**level)
+            skips.append(h)
+            if level < len(self.downs):
+                h = self.downs[level](h)  # halve H and W
+
+        for block in self.middle:
+            h = block(h, temb)  # (B, widest, H / 8, W / 8) with four levels
+
+        for i, block in enumerate(self.decoder):
+            h = block(torch.cat([h, skips.pop()], dim=1), temb)  # concat skip of the same size
+            if i < len(self.ups):
+                h = self.ups[i](h)  # double H and W
+
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
+
+
+def check_config(in_channels, base_channels, channel_mults):
+    """Raise ValueError, in words a user can act on, for a network that cannot be built."""
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be at least 1, got {in_channels}")
+    if not channel_mults:
+        raise ValueError("channel_mults needs at least one level")
+    if any(m < 1 for m in channel_mults):
+        raise ValueError(f"channel multipliers must be at least 1, got {list(channel_mults)}")
+    if base_channels < GROUPS or base_channels % GROUPS:
+        raise ValueError(
+            f"base_channels must be a positive multiple of {GROUPS} (GroupNorm uses {GROUPS} groups), "
+            f"got {base_channels}"
+        )
+
+
+def check_image_size(img_size, channel_mults):
+    """Raise ValueError naming the sizes that work if a square image of this side cannot pass."""
+    multiple = 2 ** (len(channel_mults) - 1)
+    if img_size < multiple or img_size % multiple:
+        below, above = (img_size // multiple) * multiple, (img_size // multiple + 1) * multiple
+        nearest = f"{below} or {above}" if below >= multiple else str(above)
+        raise ValueError(
+            f"img_size {img_size} does not fit a {len(channel_mults)}-level U-Net: the side must be "
+            f"a multiple of {multiple} (nearest: {nearest})"
+        )

@@ -1,0 +1,197 @@
+"""CLI tier: the real scripts, as a user runs them, on a tiny image in a temporary folder."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import INFER, TINY_NET, TRAIN, bad_image, run_in_process, run_script
+
+
+def test_train_then_infer_end_to_end(tmp_path, tiny_image):
+    ckpt = tmp_path / "ckpt" / "tiny.pth"  # the folder does not exist yet
+    trained = run_script(TRAIN, "--img_size", 16, "--train_steps", 30, "--image_path", tiny_image,
+                         "--model_save_path", ckpt, "--device", "cpu", *TINY_NET, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    assert re.search(r"trained 30 steps in [\d.]+ s on cpu; final loss [\d.]+", trained.stdout)
+    assert str(ckpt) in trained.stdout
+    assert "training" in trained.stderr  # the tqdm bar
+    checkpoint = torch.load(ckpt, weights_only=True)
+    assert checkpoint["train"]["step"] == 30 and len(checkpoint["train"]["loss_history"]) == 30
+    assert checkpoint["train"]["args"]["channel_mults"] == [1, 2]
+
+    result, output = tmp_path / "result.png", tmp_path / "out" / "denoised.png"
+    inferred = run_script(INFER, "--image_path", tiny_image, "--model_path", ckpt, "--result_path", result,
+                          "--output_path", output, "--t", 300, "--device", "cpu", cwd=tmp_path)
+    assert inferred.returncode == 0, inferred.stderr
+    assert "t=300  w=0.24  img_size=16  device=cpu" in inferred.stdout
+    noisy = float(re.search(r"PSNR noisy input:\s+([\d.]+) dB", inferred.stdout).group(1))
+    denoised = float(re.search(r"PSNR inference output:\s+([\d.]+) dB", inferred.stdout).group(1))
+    assert 5 < noisy < 40 and 5 < denoised < 60
+    figure = Image.open(result)
+    assert figure.format == "PNG" and 1400 <= figure.width <= 1600
+    alone = Image.open(output)
+    assert alone.size == (16, 16) and alone.mode == "RGB"
+
+
+def test_help_lists_every_flag_with_its_default(monkeypatch, capsys):
+    status, out, _ = run_in_process(TRAIN, "--help", monkeypatch=monkeypatch, capsys=capsys)
+    out = " ".join(out.split())  # undo argparse's line wrapping
+    assert status == 0
+    for flag, default in [("--img_size", "256"), ("--batch_size", "1"), ("--train_steps", "3000"),
+                          ("--lr", "0.001"), ("--image_path", "images/demo.png"),
+                          ("--model_save_path", "model_ckpt/demo_unet.pth"), ("--seed", "0"),
+                          ("--device", "auto"), ("--base_channels", "16"), ("--channel_mults", "[1, 2, 4, 8]")]:
+        assert re.search(re.escape(flag) + r".*?\(default: " + re.escape(default) + r"\)", out, re.S), flag
+    status, out, _ = run_in_process(INFER, "--help", monkeypatch=monkeypatch, capsys=capsys)
+    out = " ".join(out.split())
+    assert status == 0
+    for flag, default in [("--img_size", "the size the"), ("--image_path", "images/demo.png"),
+                          ("--model_path", "model_ckpt/demo_unet.pth"),
+                          ("--result_path", "images/inference_result.png"), ("--output_path", "not saved"),
+                          ("--t", "500"), ("--seed", "0"), ("--device", "auto")]:
+        assert re.search(re.escape(flag) + r".*?\(default: " + re.escape(default), out, re.S), flag
+
+
+def one_error_line(status, out, err):
+    """The contract for every user mistake: exit 2, exactly one 'error: ...' line, nothing else."""
+    assert status == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+# ---- bad input to ddpm_train.py -------------------------------------------------------------
+
+# Valid, quick settings put before the flag under test (argparse lets the later one win), so
+# that a check that wrongly passes costs two tiny steps, not a full training run.
+QUICK = ["--img_size", 16, "--train_steps", 2, *TINY_NET]
+
+TRAIN_FLAG_ERRORS = [
+    (["--train_steps", "0"], "--train_steps: must be at least 1"),
+    (["--train_steps", "-5"], "--train_steps: must be at least 1"),
+    (["--train_steps", "ten"], "--train_steps: must be an integer"),
+    (["--batch_size", "0"], "--batch_size: must be at least 1"),
+    (["--lr", "0"], "--lr: must be a finite number above 0"),
+    (["--lr", "-0.001"], "--lr: must be a finite number above 0"),
+    (["--lr=-1e-3"], "--lr: must be a finite number above 0"),
+    (["--lr", "nan"], "--lr: must be a finite number above 0"),
+    (["--lr", "inf"], "--lr: must be a finite number above 0"),
+    (["--img_size", "250", "--channel_mults", "1,2,4,8"], "img_size 250 does not fit a 4-level U-Net.*248 or 256"),
+    (["--img_size", "0"], "--img_size: must be at least 1"),
+    (["--base_channels", "12"], "base_channels must be a positive multiple of 8"),
+    (["--channel_mults", "1,x"], "--channel_mults: must be comma-separated integers"),
+    (["--seed", "-1"], "--seed: must be 0 or more"),
+    (["--device", "tpu"], "--device: invalid choice"),
+    (["--no_such_flag"], "unrecognized arguments"),
+]
+
+
+@pytest.mark.parametrize("args, message", TRAIN_FLAG_ERRORS, ids=[" ".join(a) for a, _ in TRAIN_FLAG_ERRORS])
+def test_train_refuses_bad_flags(tmp_path, tiny_image, monkeypatch, capsys, args, message):
+    ckpt = tmp_path / "m.pth"
+    result = run_in_process(TRAIN, "--image_path", tiny_image, "--model_save_path", ckpt, *QUICK, *args,
+                            monkeypatch=monkeypatch, capsys=capsys)
+    assert re.search(message, one_error_line(*result))
+    assert not ckpt.exists()
+
+
+def unavailable_device():
+    if not torch.cuda.is_available():
+        return "cuda"
+    if not torch.backends.mps.is_available():
+        return "mps"
+    pytest.skip("every device is available here")
+
+
+def test_train_refuses_an_unavailable_device(tmp_path, tiny_image, monkeypatch, capsys):
+    device = unavailable_device()
+    result = run_in_process(TRAIN, "--image_path", tiny_image, "--model_save_path", tmp_path / "m.pth",
+                            *QUICK, "--device", device, monkeypatch=monkeypatch, capsys=capsys)
+    assert f"--device {device} is not available" in one_error_line(*result)
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "empty", "not-an-image", "truncated"])
+def test_train_refuses_a_bad_image_and_never_invents_one(tmp_path, monkeypatch, capsys, kind):
+    image = tmp_path / "missing.png" if kind == "missing" else bad_image(tmp_path, kind)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run_in_process(TRAIN, "--image_path", image, "--model_save_path", tmp_path / "m.pth",
+                            *QUICK, monkeypatch=monkeypatch, capsys=capsys)
+    assert str(image) in one_error_line(*result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no checkpoint, no made-up image
+
+
+def test_train_refuses_an_unwritable_save_path_before_training(tmp_path, tiny_image, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run_in_process(TRAIN, "--image_path", tiny_image, "--model_save_path", blocker / "m.pth", *QUICK,
+                            monkeypatch=monkeypatch, capsys=capsys)
+    assert "is a file, not a folder" in one_error_line(*result)
+    result = run_in_process(TRAIN, "--image_path", tiny_image, "--model_save_path", tmp_path, *QUICK,
+                            monkeypatch=monkeypatch, capsys=capsys)
+    assert "is a folder" in one_error_line(*result)
+
+
+# ---- bad input to ddpm_infer.py -------------------------------------------------------------
+
+def infer(tmp_path, tiny_image, checkpoint, *args, monkeypatch, capsys):
+    return run_in_process(INFER, "--image_path", tiny_image, "--model_path", checkpoint,
+                          "--result_path", tmp_path / "result.png", *args, monkeypatch=monkeypatch, capsys=capsys)
+
+
+INFER_FLAG_ERRORS = [
+    (["--t", "-1"], "--t: must be in 0..1000"),
+    (["--t", "1001"], "--t: must be in 0..1000"),
+    (["--t", "0.5"], "--t: must be an integer"),
+    (["--img_size", "32"], "--img_size 32 disagrees with the checkpoint, which was trained at 16"),
+    (["--seed", "x"], "--seed: must be an integer"),
+]
+
+
+@pytest.mark.parametrize("args, message", INFER_FLAG_ERRORS, ids=[" ".join(a) for a, _ in INFER_FLAG_ERRORS])
+def test_infer_refuses_bad_flags(tmp_path, tiny_image, tiny_checkpoint, monkeypatch, capsys, args, message):
+    result = infer(tmp_path, tiny_image, tiny_checkpoint, *args, monkeypatch=monkeypatch, capsys=capsys)
+    assert re.search(message, one_error_line(*result))
+    assert not (tmp_path / "result.png").exists()
+
+
+def test_infer_refuses_an_unavailable_device(tmp_path, tiny_image, tiny_checkpoint, monkeypatch, capsys):
+    device = unavailable_device()
+    result = infer(tmp_path, tiny_image, tiny_checkpoint, "--device", device, monkeypatch=monkeypatch, capsys=capsys)
+    assert "is not available" in one_error_line(*result)
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "random", "bare-state-dict", "lfs-pointer"])
+def test_infer_refuses_a_bad_checkpoint(tmp_path, tiny_image, monkeypatch, capsys, kind):
+    from models import UNet
+
+    checkpoint = tmp_path / "bad.pth"
+    if kind == "empty":
+        checkpoint.write_bytes(b"")
+    elif kind == "random":
+        checkpoint.write_bytes(np.random.default_rng(0).bytes(1000))
+    elif kind == "bare-state-dict":
+        torch.save(UNet(3, 8, (1, 2)).state_dict(), checkpoint)
+    elif kind == "lfs-pointer":
+        checkpoint.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n")
+    result = infer(tmp_path, tiny_image, checkpoint, monkeypatch=monkeypatch, capsys=capsys)
+    assert str(checkpoint) in one_error_line(*result)
+    assert not (tmp_path / "result.png").exists()
+
+
+def test_infer_refuses_a_bad_image_and_keeps_the_old_result(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    old = tmp_path / "result.png"
+    old.write_bytes(b"the previous figure")
+    result = infer(tmp_path, tmp_path / "nope.png", tiny_checkpoint, "--output_path", tmp_path / "o.png",
+                   monkeypatch=monkeypatch, capsys=capsys)
+    assert "does not exist" in one_error_line(*result)
+    assert old.read_bytes() == b"the previous figure" and not (tmp_path / "o.png").exists()
+
+
+def test_infer_refuses_an_output_path_that_is_a_folder(tmp_path, tiny_image, tiny_checkpoint, monkeypatch, capsys):
+    result = infer(tmp_path, tiny_image, tiny_checkpoint, "--output_path", tmp_path,
+                   monkeypatch=monkeypatch, capsys=capsys)
+    assert "--output_path" in one_error_line(*result)
+    assert not (tmp_path / "result.png").exists()

@@ -42,23 +42,36 @@ def main():
     device = pick_device(args.device)
     model, schedule, checkpoint = load_checkpoint(args.model_path, device)
     img_size = resolve_img_size(args.img_size, checkpoint["data"]["img_size"])
-    check_writable(args.result_path, "--result_path")
-    if args.output_path is not None:
-        check_writable(args.output_path, "--output_path")
+    check_outputs(args)
     x0 = load_image(args.image_path, img_size, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
 
-    # The noise is drawn on the CPU so that every device sees the same noisy input.
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed))
     t = torch.tensor([args.t])
-    x_t = schedule.add_noise(x0, t, eps)  # (1, 3, H, W)
+    x_t = schedule.add_noise(x0, t, noise_like(x0, args.seed))  # (1, 3, H, W)
     x0_hat = denoise_one_step(model, x_t.to(device), t.to(device)).cpu()
 
-    w = schedule.w(t).item()
+    report(args, schedule.w(t).item(), x0, x_t, x0_hat, f"img_size={img_size}  device={device}")
+
+
+def noise_like(x0, seed):
+    """eps ~ N(0, I), drawn on the CPU so that every device sees the same noisy input."""
+    return torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def check_outputs(args):
+    """Refuse output paths that cannot be written or would overwrite an input, before any work."""
+    inputs = [args.image_path, args.model_path]
+    check_writable(args.result_path, "--result_path", inputs)
+    if args.output_path is not None:
+        check_writable(args.output_path, "--output_path", inputs)
+
+
+def report(args, w, x0, x_t, x0_hat, setting):
+    """Measure PSNR, draw the triptych, save the requested files, print a short summary."""
     noisy_shown = x_t.clamp(-1, 1)  # what a screen can show, and what PSNR is measured on
     psnr_noisy, psnr_out = psnr(noisy_shown, x0), psnr(x0_hat, x0)
     save_triptych(
         [
-            ("Ground Truth", x0),
+            (f"Ground Truth\n{x0.shape[-1]}x{x0.shape[-2]} px", x0),
             (f"Noisy Input (t={args.t}, w={w:.2f})\nPSNR {psnr_noisy:.2f} dB", noisy_shown),
             (f"Inference Output (1 step)\nPSNR {psnr_out:.2f} dB", x0_hat),
         ],
@@ -66,8 +79,7 @@ def main():
     )
     if args.output_path is not None:
         save_image(x0_hat, args.output_path)
-
-    print(f"t={args.t}  w={w:.2f}  img_size={img_size}  device={device}")
+    print(f"t={args.t}  w={w:.2f}  {setting}")
     print(f"PSNR noisy input:      {psnr_noisy:6.2f} dB")
     print(f"PSNR inference output: {psnr_out:6.2f} dB")
     print(f"saved {args.result_path}" + (f" and {args.output_path}" if args.output_path else ""))

@@ -69,7 +69,7 @@ def main():
     device = pick_device(args.device)
     torch.manual_seed(args.seed)  # the initial weights
     model = build_model(args)
-    check_writable(args.model_save_path, "--model_save_path")
+    check_writable(args.model_save_path, "--model_save_path", inputs=[args.image_path])
     x0 = load_image(args.image_path, args.img_size, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     image_sha256 = file_sha256(args.image_path)
 

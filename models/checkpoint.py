@@ -123,6 +123,9 @@ def _read_checkpoint_dict(path):
                if key not in checkpoint]
     if missing:
         raise UserError(f"checkpoint {path!r} is incomplete: it lacks {', '.join(missing)}")
+    data = checkpoint["data"]
+    if not isinstance(data, dict) or not isinstance(data.get("img_size"), int) or data["img_size"] < 1:
+        raise UserError(f"checkpoint {path!r} is damaged: it does not record the image size it was trained at")
     weights = checkpoint["model"]
     if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
         raise UserError(f"checkpoint {path!r} is damaged: its 'model' entry is not a dict of tensors")

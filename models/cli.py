@@ -96,7 +96,7 @@ def add_device_argument(parser):
 def pick_device(name):
     """Resolve --device to a torch.device, or raise UserError if the named one is missing."""
     cuda = torch.cuda.is_available()
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    mps = torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if cuda else "mps" if mps else "cpu")
     if (name == "cuda" and not cuda) or (name == "mps" and not mps):

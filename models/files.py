@@ -32,13 +32,18 @@ def atomic_write(path):
         raise
 
 
-def check_writable(path, what):
+def check_writable(path, what, inputs=()):
     """Raise UserError unless ``path`` can be written (its folder may still have to be made).
 
-    Called before any long work, so that a typo in an output path costs nothing.
+    ``inputs`` are the files the run reads: writing over one of them would lose
+    it, so that is refused too. Called before any long work, so that a typo in
+    an output path costs nothing.
     """
     if os.path.isdir(path):
         raise UserError(f"{what} {path!r} is a folder (give a file name)")
+    for source in inputs:
+        if os.path.exists(path) and os.path.exists(source) and os.path.samefile(path, source):
+            raise UserError(f"{what} {path!r} is the input file {source!r}; writing there would destroy it")
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):  # the nearest folder that exists must let us write
         folder = os.path.dirname(folder)

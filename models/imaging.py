@@ -117,17 +117,22 @@ def save_image(x, path):
 def save_triptych(panels, path):
     """Draw images side by side with titles and save the figure as PNG (atomically).
 
-    panels: list of (title, image tensor in [-1, 1]).
+    panels: list of (title, image tensor in [-1, 1]). The figure is
+    FIGURE_WIDTH_PX wide; titles may take two lines.
     """
     count = len(panels)
     dpi = 100
-    fig = Figure(figsize=(FIGURE_WIDTH_PX / dpi, FIGURE_WIDTH_PX / dpi / count + 0.9), dpi=dpi)
+    width = FIGURE_WIDTH_PX / dpi  # inches
+    gap, title_space = 0.01, 0.7  # gap: fraction of the width; title_space: inches
+    panel = width * (1 - gap * (count + 1)) / count  # each square panel's side, inches
+    height = panel + title_space + 0.1
+    fig = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(fig)
     for i, (title, image) in enumerate(panels):
-        ax = fig.add_subplot(1, count, i + 1)
+        left = gap + i * (panel / width + gap)
+        ax = fig.add_axes((left, 0.1 / height, panel / width, panel / height))
         ax.imshow(to_pil(image))
         ax.set_title(title, fontsize=14)
         ax.axis("off")
-    fig.tight_layout()
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)

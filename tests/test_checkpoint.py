@@ -189,3 +189,11 @@ def test_plain_pickle_file_is_refused(tmp_path):
     path.write_bytes(pickle.dumps({"format": FORMAT}))
     with pytest.raises(UserError, match="cannot be read safely"):
         load_checkpoint(str(path))
+
+
+def test_checkpoint_without_its_image_size(tmp_path):
+    path = tmp_path / "m.pth"
+    make_checkpoint(path)
+    rewrite(path, lambda c: c["data"].pop("img_size"))
+    with pytest.raises(UserError, match="does not record the image size"):
+        load_checkpoint(str(path))

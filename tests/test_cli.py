@@ -195,3 +195,17 @@ def test_infer_refuses_an_output_path_that_is_a_folder(tmp_path, tiny_image, tin
                    monkeypatch=monkeypatch, capsys=capsys)
     assert "--output_path" in one_error_line(*result)
     assert not (tmp_path / "result.png").exists()
+
+
+def test_outputs_may_not_overwrite_the_inputs(tmp_path, tiny_image, tiny_checkpoint, monkeypatch, capsys):
+    image_bytes = open(tiny_image, "rb").read()
+    result = run_in_process(TRAIN, "--image_path", tiny_image, "--model_save_path", tiny_image, *QUICK,
+                            monkeypatch=monkeypatch, capsys=capsys)
+    assert "would destroy it" in one_error_line(*result)
+    for flag, target in [("--result_path", tiny_image), ("--result_path", tiny_checkpoint),
+                         ("--output_path", tiny_image)]:
+        args = ["--image_path", tiny_image, "--model_path", tiny_checkpoint, "--result_path", tmp_path / "r.png",
+                flag, target]
+        result = run_in_process(INFER, *args, monkeypatch=monkeypatch, capsys=capsys)
+        assert f"{flag} {target!r} is the input file" in one_error_line(*result)
+    assert open(tiny_image, "rb").read() == image_bytes

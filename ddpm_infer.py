@@ -12,8 +12,7 @@ import sys
 import torch
 
 from models.checkpoint import load_checkpoint
-from models.cli import (ArgumentParser, add_device_argument, int_in_range, non_negative_int, pick_device,
-                        positive_int, run)
+from models.cli import MAX_SEED, ArgumentParser, add_device_argument, int_in_range, pick_device, run
 from models.diffusion import NUM_TIMESTEPS, denoise_one_step
 from models.errors import UserError
 from models.files import check_writable
@@ -23,7 +22,7 @@ from models.metrics import psnr
 
 def parse_args(argv=None):
     parser = ArgumentParser(description="Denoise the image with a trained U-Net and draw the result.")
-    parser.add_argument("--img_size", type=positive_int, default=None,
+    parser.add_argument("--img_size", type=int_in_range(1, 2048), default=None,
                         help="side of the square image, px (default: the size the model was trained at)")
     parser.add_argument("--image_path", default="images/demo.png", help="the ground-truth image")
     parser.add_argument("--model_path", default="model_ckpt/demo_unet.pth", help="checkpoint written by ddpm_train.py")
@@ -32,7 +31,7 @@ def parse_args(argv=None):
                         help="also save the denoised image alone as a PNG here (default: not saved)")
     parser.add_argument("--t", type=int_in_range(0, NUM_TIMESTEPS), default=500,
                         help=f"noise level as a timestep 0..{NUM_TIMESTEPS}; w = max_noise * t / {NUM_TIMESTEPS}")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed for the noise eps")
+    parser.add_argument("--seed", type=int_in_range(0, MAX_SEED), default=0, help="seed for the noise eps")
     add_device_argument(parser)
     return parser.parse_args(argv)
 

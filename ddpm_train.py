@@ -2,12 +2,19 @@
 
     python ddpm_train.py                      # the shipped model: 256 px, 3000 steps
     python ddpm_train.py --img_size 64 --train_steps 500 --model_save_path model_ckpt/small.pth
+    python ddpm_train.py --resume model_ckpt/demo_unet.resume.pth    # continue a stopped run
 
 Each step noises the image as x_t = (1 - w) * x0 + w * eps at a random t and
 teaches the network to return x0 (models/diffusion.py has the formulas,
 models/training.py the loop).
+
+While it runs, a resumable snapshot is kept beside the checkpoint
+(demo_unet.resume.pth for demo_unet.pth): every --save_every steps, and when
+you press Ctrl-C. The finished model replaces the checkpoint only at the
+end, and the snapshot is then deleted.
 """
 
+import argparse
 import os
 import platform
 import sys
@@ -15,38 +22,66 @@ import time
 
 import torch
 
-from models.checkpoint import save_checkpoint
-from models.cli import (ArgumentParser, add_device_argument, int_list, non_negative_int, pick_device,
-                        positive_float, positive_int, run)
+from models.checkpoint import load_checkpoint, save_checkpoint
+from models.cli import (MAX_SEED, ArgumentParser, add_device_argument, channel_multipliers, int_in_range,
+                        pick_device, positive_float, run, stop_on_sigint)
 from models.diffusion import NoiseSchedule
 from models.errors import UserError
 from models.files import check_writable, file_sha256
 from models.imaging import load_image
-from models.training import train
+from models.training import NonFiniteLoss, Trainer
 from models.unet_model import UNet, check_image_size
 
+# The flags that define a run: a resumed run takes them from its checkpoint.
+RUN_SETTINGS = ("img_size", "batch_size", "train_steps", "lr", "image_path", "seed", "base_channels",
+                "channel_mults")
+EXIT_INTERRUPTED = 130  # the shell's code for "stopped by Ctrl-C"
 
-def parse_args(argv=None):
+
+def build_parser():
     parser = ArgumentParser(description="Train the time-embedded U-Net to denoise one image.")
-    parser.add_argument("--img_size", type=positive_int, default=256, help="side of the square training image, px")
-    parser.add_argument("--batch_size", type=positive_int, default=1,
+    parser.add_argument("--img_size", type=int_in_range(1, 2048), default=256, help="side of the square training image, px")
+    parser.add_argument("--batch_size", type=int_in_range(1, 64), default=1,
                         help="noisy copies of the image per step, each at its own t")
-    parser.add_argument("--train_steps", type=positive_int, default=3000, help="optimizer steps")
+    parser.add_argument("--train_steps", type=int_in_range(1, 1_000_000), default=3000, help="optimizer steps")
     parser.add_argument("--lr", type=positive_float, default=1e-3,
                         help="peak learning rate (warm-up, then cosine decay to 0)")
     parser.add_argument("--image_path", default="images/demo.png", help="the image to learn")
     parser.add_argument("--model_save_path", default="model_ckpt/demo_unet.pth", help="where to write the checkpoint")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed for the weights, t and noise")
-    parser.add_argument("--base_channels", type=positive_int, default=16,
+    parser.add_argument("--seed", type=int_in_range(0, MAX_SEED), default=0, help="seed for the weights, t and noise")
+    parser.add_argument("--base_channels", type=int_in_range(8, 1024), default=16,
                         help="U-Net width at full resolution (a multiple of 8)")
-    parser.add_argument("--channel_mults", type=int_list, default=[1, 2, 4, 8],
+    parser.add_argument("--channel_mults", type=channel_multipliers, default=[1, 2, 4, 8],
                         help="width of each U-Net level as a multiple of base_channels; one level per entry")
     add_device_argument(parser)
-    return parser.parse_args(argv)
+    parser.add_argument("--save_every", type=int_in_range(0, 1_000_000), default=500,
+                        help="steps between resumable snapshots (0: only on Ctrl-C)")
+    parser.add_argument("--resume", default=None, metavar="PATH",
+                        help="continue the run saved in this snapshot exactly (default: start a new run)")
+    return parser
 
 
-def build_model(args):
-    """Check the settings against each other and build the network, or raise UserError."""
+def parse_args(argv=None):
+    """The flags, and the set of flag names the user actually typed."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # argparse fills in a default only where the namespace has no value yet
+    typed = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(args), _NOT_TYPED)))
+    return args, {name for name, value in vars(typed).items() if value is not _NOT_TYPED}
+
+
+_NOT_TYPED = object()
+
+
+def resume_path(model_save_path):
+    """Where the resumable snapshot of a run goes: model.pth -> model.resume.pth."""
+    root, ext = os.path.splitext(model_save_path)
+    return f"{root}.resume{ext or '.pth'}"
+
+
+def new_model(args):
+    """Check the settings against each other and build a freshly initialised network."""
+    torch.manual_seed(args.seed)  # the initial weights
     try:
         model = UNet(in_channels=3, base_channels=args.base_channels, channel_mults=args.channel_mults)
         check_image_size(args.img_size, args.channel_mults)
@@ -55,42 +90,110 @@ def build_model(args):
     return model
 
 
-def run_record(args, losses, wall_time, device):
-    """What the checkpoint remembers about how it was made."""
-    return {
-        "args": vars(args), "step": args.train_steps, "loss_history": losses,
-        "wall_time_s": wall_time, "device": str(device),
-        "torch_version": str(torch.__version__), "python_version": platform.python_version(),
-    }
+def open_snapshot(args, typed, device):
+    """For --resume: load the snapshot, take the run's settings from it, check typed flags agree."""
+    model, _, checkpoint = load_checkpoint(args.resume, device)
+    if "resume" not in checkpoint:
+        raise UserError(f"{args.resume!r} is a finished model, not a snapshot of a run in progress: "
+                        "there is nothing to resume")
+    saved = checkpoint["train"].get("args", {})
+    missing = [name for name in (*RUN_SETTINGS, "model_save_path") if name not in saved]
+    if missing:
+        raise UserError(f"snapshot {args.resume!r} does not record its run's settings ({', '.join(missing)})")
+    for name in RUN_SETTINGS:
+        if name in typed and getattr(args, name) != saved[name]:
+            raise UserError(f"--{name} {getattr(args, name)} disagrees with the run being resumed, which used "
+                            f"{saved[name]} (leave --{name} out to continue that run)")
+        setattr(args, name, saved[name])
+    if "model_save_path" not in typed:
+        args.model_save_path = saved["model_save_path"]
+    if file_sha256(args.image_path) != checkpoint["data"]["image_sha256"]:
+        raise UserError(f"image {args.image_path!r} has changed since the run started, so it cannot "
+                        "continue exactly (restore the image, or start a new run)")
+    return model, checkpoint
+
+
+class RunRecord:
+    """What every checkpoint of this run says about it, and the one place that writes them."""
+
+    def __init__(self, args, device, image_sha256, earlier_time=0.0):
+        self.args, self.device, self.image_sha256 = args, device, image_sha256
+        self.earlier_time = earlier_time  # seconds spent before a resume
+        self.start = time.perf_counter()
+
+    def elapsed(self):
+        return self.earlier_time + time.perf_counter() - self.start
+
+    def save(self, path, trainer, resumable):
+        args = self.args
+        save_checkpoint(
+            path, trainer.model, trainer.schedule,
+            data={"img_size": args.img_size, "image_path": args.image_path, "image_sha256": self.image_sha256},
+            train_info={
+                "args": {k: v for k, v in vars(args).items() if k != "resume"}, "step": trainer.step,
+                "loss_history": trainer.loss_history(), "wall_time_s": self.elapsed(),
+                "device": str(self.device), "torch_version": str(torch.__version__),
+                "python_version": platform.python_version(),
+            },
+            resume=trainer.state_dict() if resumable else None,
+        )
+
+
+def make_trainer(args, model, x0, device, snapshot):
+    """A Trainer for a new run, or one that continues the run in ``snapshot``."""
+    trainer = Trainer(model, x0, NoiseSchedule(), args.train_steps, args.lr, batch_size=args.batch_size,
+                      generator=torch.Generator(device=device).manual_seed(args.seed))  # every t and eps
+    if snapshot is not None:
+        try:
+            trainer.load_state_dict(snapshot["resume"], snapshot["train"]["loss_history"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise UserError(f"snapshot {args.resume!r} cannot be continued here ({exc})") from None
+        print(f"resuming {args.resume} at step {trainer.step} of {args.train_steps}")
+    return trainer
+
+
+def train_until_done_or_stopped(trainer, args, record, snapshot_path):
+    """Run the trainer with periodic snapshots; True if it finished, False if Ctrl-C stopped it."""
+    try:
+        with stop_on_sigint(trainer):
+            print(f"training {args.train_steps - trainer.step} steps on {record.device}; "
+                  f"Ctrl-C saves a snapshot to {snapshot_path}", flush=True)
+            return trainer.run(save_every=args.save_every,
+                               on_save=lambda t: record.save(snapshot_path, t, resumable=True))
+    except NonFiniteLoss as exc:
+        raise UserError(f"{exc}: training diverged (try a lower --lr, such as {args.lr / 10:g}); "
+                        "nothing was saved, earlier checkpoints are untouched") from None
 
 
 def main():
-    args = parse_args()
+    args, typed = parse_args()
     device = pick_device(args.device)
-    torch.manual_seed(args.seed)  # the initial weights
-    model = build_model(args)
+    model, snapshot = open_snapshot(args, typed, device) if args.resume else (new_model(args), None)
+    snapshot_path = resume_path(args.model_save_path)
     check_writable(args.model_save_path, "--model_save_path", inputs=[args.image_path])
+    check_writable(snapshot_path, "the snapshot", inputs=[args.image_path])
     x0 = load_image(args.image_path, args.img_size, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
-    image_sha256 = file_sha256(args.image_path)
+    record = RunRecord(args, device, file_sha256(args.image_path),
+                       earlier_time=snapshot["train"]["wall_time_s"] if snapshot else 0.0)
 
     # channels_last lets the CPU and GPU convolution kernels skip layout shuffles
     model = model.to(device, memory_format=torch.channels_last)
-    schedule = NoiseSchedule()
-    generator = torch.Generator(device=device).manual_seed(args.seed)  # every t and eps
+    trainer = make_trainer(args, model, x0.to(device), device, snapshot)
+    if not train_until_done_or_stopped(trainer, args, record, snapshot_path):
+        if trainer.step == 0:
+            print("stopped before the first step; nothing to save", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
+        record.save(snapshot_path, trainer, resumable=True)
+        print(f"stopped at step {trainer.step} of {args.train_steps}; saved {snapshot_path}\n"
+              f"continue with: python ddpm_train.py --resume {snapshot_path}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
-    start = time.perf_counter()
-    losses = train(model, x0.to(device), schedule, args.train_steps, args.lr,
-                   batch_size=args.batch_size, generator=generator)
-    wall_time = time.perf_counter() - start
-
-    save_checkpoint(
-        args.model_save_path, model, schedule,
-        data={"img_size": args.img_size, "image_path": args.image_path, "image_sha256": image_sha256},
-        train_info=run_record(args, losses, wall_time, device),
-    )
-    final_loss = sum(losses[-100:]) / len(losses[-100:])
-    print(f"trained {args.train_steps} steps in {wall_time:.1f} s on {device}; "
-          f"final loss {final_loss:.6f} (mean of the last {len(losses[-100:])} steps)")
+    record.save(args.model_save_path, trainer, resumable=False)
+    if os.path.exists(snapshot_path):
+        os.remove(snapshot_path)  # the run is finished: nothing is left to resume
+    losses = trainer.loss_history()[-100:]
+    print(f"trained {args.train_steps} steps in {record.elapsed():.1f} s on {device}; "
+          f"final loss {sum(losses) / len(losses):.6f} (mean of the last {len(losses)} steps)")
     print(f"saved {os.path.abspath(args.model_save_path)}")
 
 

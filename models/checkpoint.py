@@ -8,7 +8,8 @@ Layout (DESIGN.md section 3), plain Python data and tensors only:
      "data": {"img_size": ..., ...},  # what the network was trained on
      "model": state_dict,             # the weights, on the CPU
      "model_sha256": "...",           # digest of the weights, checked on load
-     "train": {"args": {...}, "step": ..., "loss_history": [...], ...}}
+     "train": {"args": {...}, "step": ..., "loss_history": [...], ...},
+     "resume": {...}}                 # only in unfinished runs: optimizer, RNG states, ...
 
 Because nothing in it is a custom class, ``torch.load(path, weights_only=True)``
 always reads it, and we never fall back to an unsafe load: a checkpoint is a
@@ -39,8 +40,13 @@ def weights_digest(state_dict):
     return digest.hexdigest()
 
 
-def save_checkpoint(path, model, schedule, data, train_info):
-    """Write the checkpoint atomically: a temporary file in the same folder, then os.replace."""
+def save_checkpoint(path, model, schedule, data, train_info, resume=None):
+    """Write the checkpoint atomically: a temporary file in the same folder, then os.replace.
+
+    ``resume`` (Trainer.state_dict()) makes the file resumable; a finished
+    run leaves it out. A failed write raises UserError and leaves any
+    previous file at ``path`` as it was.
+    """
     state_dict = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     checkpoint = {
         "format": FORMAT,
@@ -52,8 +58,15 @@ def save_checkpoint(path, model, schedule, data, train_info):
         "model_sha256": weights_digest(state_dict),
         "train": dict(train_info),
     }
-    with atomic_write(path) as tmp:
-        torch.save(checkpoint, tmp)
+    if resume is not None:
+        checkpoint["resume"] = resume
+    try:
+        with atomic_write(path) as tmp:
+            torch.save(checkpoint, tmp)
+    except OSError as exc:
+        raise UserError(
+            f"could not write checkpoint {path!r} ({exc.strerror or exc}); any previous file there is untouched"
+        ) from None
 
 
 def load_checkpoint(path, device="cpu"):

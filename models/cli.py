@@ -6,7 +6,9 @@ exit status 2, before anything is written.
 
 import argparse
 import math
+import signal
 import sys
+from contextlib import contextmanager
 
 import torch
 
@@ -32,29 +34,20 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def positive_int(text):
-    """argparse type: an integer >= 1."""
-    value = _parse(int, text, "an integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def non_negative_int(text):
-    """argparse type: an integer >= 0."""
-    value = _parse(int, text, "an integer")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+MAX_SEED = 2**32 - 1
 
 
 def int_in_range(low, high):
-    """argparse type factory: an integer in low..high inclusive."""
+    """argparse type factory: an integer from low to high inclusive.
+
+    The upper bounds keep a typo (an extra zero or three) from asking for
+    terabytes of memory: it becomes an error message instead of a crash.
+    """
 
     def parse(text):
         value = _parse(int, text, "an integer")
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be an integer from {low} to {high}, got {value}")
         return value
 
     return parse
@@ -64,18 +57,18 @@ def positive_float(text):
     """argparse type: a finite number > 0."""
     value = _parse(float, text, "a number")
     if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text!r}")
     return value
 
 
-def int_list(text):
-    """argparse type: comma-separated positive integers, such as '1,2,4,8'."""
+def channel_multipliers(text):
+    """argparse type: 1 to 8 comma-separated integers from 1 to 64, such as '1,2,4,8'."""
     try:
         values = [int(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be comma-separated integers such as 1,2,4,8, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"every multiplier must be at least 1, got {text!r}")
+    if not 1 <= len(values) <= 8 or any(not 1 <= v <= 64 for v in values):
+        raise argparse.ArgumentTypeError(f"must be 1 to 8 integers from 1 to 64, got {text!r}")
     return values
 
 
@@ -104,10 +97,38 @@ def pick_device(name):
     return torch.device(name)
 
 
+@contextmanager
+def stop_on_sigint(trainer):
+    """While inside: the first Ctrl-C asks ``trainer`` to stop after the current step.
+
+    The step in progress completes, so the state that is then saved is exactly
+    the state after a whole step. A second Ctrl-C stops at once, saving nothing.
+    """
+
+    def handler(signum, frame):
+        if trainer.stop_requested:
+            raise KeyboardInterrupt
+        trainer.request_stop()
+        print("\nstopping after this step to save a snapshot (Ctrl-C again to quit without saving)",
+              file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run(main):
-    """Call main(); turn a UserError into 'error: ...' on stderr and exit status 2."""
+    """Call main(); turn a UserError into 'error: ...' on stderr and exit status 2.
+
+    A Ctrl-C that main() does not handle itself ends quietly with status 130.
+    """
     try:
         main()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

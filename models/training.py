@@ -36,30 +36,124 @@ def learning_rate_factor(step, total_steps, warmup_steps=WARMUP_STEPS):
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class NonFiniteLoss(Exception):
+    """The loss became nan or inf: the weights are ruined and must not be saved."""
+
+    def __init__(self, step, value):
+        super().__init__(f"the loss became {value} at step {step}")
+        self.step, self.value = step, value
+
+
+class Trainer:
+    """One training run on one image, holding everything needed to continue it exactly.
+
+    That is the weights (in ``model``), Adam's moment estimates, the position
+    of the learning-rate schedule, the state of the random generator that
+    draws every t and eps, the step counter and the losses so far.
+    ``state_dict()`` returns all of it but the weights, ``load_state_dict()``
+    puts it back, so a run stopped at step k and resumed ends with the same
+    weights as a run that was never stopped.
+    """
+
+    def __init__(self, model, x0, schedule, train_steps, lr, batch_size=1, generator=None):
+        self.model, self.schedule, self.train_steps = model, schedule, train_steps
+        self.x0_batch = x0.expand(batch_size, -1, -1, -1)  # (B, C, H, W): the same image B times, no copy
+        self.generator = generator if generator is not None else torch.Generator(device=x0.device)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: learning_rate_factor(step, train_steps)
+        )
+        self.step = 0  # steps done
+        # Losses stay on the device and are read back only now and then, not every step. A
+        # preallocated buffer, not a list of loss tensors: those would keep each step's graph alive.
+        self.losses = torch.zeros(train_steps, device=x0.device)
+        self.stop_requested = False
+
+    def train_step(self):
+        """One Adam step on a fresh (t, eps) draw (DDPM Algorithm 1, x0 as the target)."""
+        loss = training_loss(self.model, self.x0_batch, self.schedule, generator=self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP_NORM)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.losses[self.step] = loss.detach()
+        self.step += 1
+
+    def run(self, save_every=0, on_save=None, show_progress=True):
+        """Train until the last step or until request_stop(). Returns True if the run is complete.
+
+        Every ``save_every`` steps (0: never) ``on_save(self)`` is called, after
+        checking that no loss so far was nan or inf (NonFiniteLoss otherwise).
+        """
+        self.model.train()
+        with tqdm(total=self.train_steps, initial=self.step, desc="training", unit="step",
+                  disable=not show_progress) as bar:  # closed, ending its line, even on an error
+            while self.step < self.train_steps and not self.stop_requested:
+                self.train_step()
+                bar.update()
+                if self.step % PROGRESS_EVERY == 0 or self.step == self.train_steps:
+                    self.check_finite()
+                    recent = self.losses[max(self.step - PROGRESS_EVERY, 0) : self.step].mean().item()
+                    bar.set_postfix(loss=f"{recent:.5f}", lr=f"{self.lr_schedule.get_last_lr()[0]:.1e}")
+                if save_every and self.step % save_every == 0 and self.step < self.train_steps:
+                    self.check_finite()
+                    on_save(self)
+        self.check_finite()
+        return self.step == self.train_steps
+
+    def request_stop(self):
+        """Ask run() to return after the step in progress (safe to call from a signal handler)."""
+        self.stop_requested = True
+
+    def check_finite(self):
+        """Raise NonFiniteLoss naming the first step (1-based) whose loss was nan or inf."""
+        bad = torch.nonzero(~torch.isfinite(self.losses[: self.step]))
+        if len(bad):
+            first = int(bad[0])
+            raise NonFiniteLoss(first + 1, self.losses[first].item())
+
+    def loss_history(self):
+        return self.losses[: self.step].tolist()
+
+    def state_dict(self):
+        """Everything but the weights that continuing the run needs; plain data and tensors."""
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "generator": self.generator.get_state(),  # draws every t and eps
+            "generator_device": self.generator.device.type,
+            "torch_rng": torch.get_rng_state(),  # the global CPU generator
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state, loss_history):
+        """Continue the run that ``state`` (from state_dict) and ``loss_history`` describe."""
+        if state["generator_device"] != self.generator.device.type:
+            raise ValueError(
+                f"the run was saved on {state['generator_device']} and cannot continue exactly on "
+                f"{self.generator.device.type}"
+            )
+        if state["step"] != len(loss_history) or not 0 < state["step"] < self.train_steps:
+            raise ValueError(f"step {state['step']} does not fit a run of {self.train_steps} steps")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step = state["step"]
+        self.losses[: self.step] = torch.tensor(loss_history, device=self.losses.device)
+
+
 def train(model, x0, schedule, train_steps, lr, batch_size=1, generator=None, show_progress=True):
     """Train ``model`` in place on the single image ``x0`` (1, C, H, W). Returns the per-step losses.
 
     ``generator`` drives every random draw of t and eps, so a seeded run repeats exactly.
     """
-    model.train()
-    x0_batch = x0.expand(batch_size, -1, -1, -1)  # (B, C, H, W): the same image B times, no copy
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, train_steps)
-    )
-    # Losses stay on the device and are read back once at the end, not every step. A
-    # preallocated buffer, not a list of loss tensors: those would keep each step alive.
-    losses = torch.zeros(train_steps, device=x0.device)
-    bar = tqdm(range(train_steps), desc="training", unit="step", disable=not show_progress)
-    for step in bar:
-        loss = training_loss(model, x0_batch, schedule, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
-        optimizer.step()
-        scheduler.step()
-        losses[step] = loss.detach()
-        if step % PROGRESS_EVERY == 0 or step == train_steps - 1:
-            recent = losses[max(step + 1 - PROGRESS_EVERY, 0) : step + 1].mean().item()
-            bar.set_postfix(loss=f"{recent:.5f}", lr=f"{scheduler.get_last_lr()[0]:.1e}")
-    return losses.tolist()
+    trainer = Trainer(model, x0, schedule, train_steps, lr, batch_size=batch_size, generator=generator)
+    trainer.run(show_progress=show_progress)
+    return trainer.loss_history()

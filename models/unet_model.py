@@ -138,10 +138,10 @@ class UNet(nn.Module):
     def forward(self, x_t, t):
         """x_t: (B, C, H, W) noisy image, t: (B,) timesteps -> x0_hat: (B, C, H, W)."""
         B, C, H, W = x_t.shape
-        if H % self.size_multiple or W % self.size_multiple:
+        if H % self.size_multiple or W % self.size_multiple or min(H, W) < 2 * self.size_multiple:
             raise ValueError(
-                f"image size {H}x{W} is not divisible by {self.size_multiple}, "
-                f"which this {len(self.encoder)}-level U-Net needs"
+                f"image size {H}x{W} does not fit this {len(self.encoder)}-level U-Net: both sides must "
+                f"be multiples of {self.size_multiple} and at least {2 * self.size_multiple}"
             )
         temb = self.time_mlp(timestep_embedding(t, self.config["base_channels"]))  # (B, temb_dim)
 
@@ -180,12 +180,18 @@ def check_config(in_channels, base_channels, channel_mults):
 
 
 def check_image_size(img_size, channel_mults):
-    """Raise ValueError naming the sizes that work if a square image of this side cannot pass."""
+    """Raise ValueError naming the sizes that work if a square image of this side cannot pass.
+
+    Each of the len(channel_mults) - 1 Downs halves the side, so it must divide
+    by 2 ** (levels - 1); and the smallest feature map must keep at least 2x2
+    pixels, or GroupNorm has a single value to normalise.
+    """
     multiple = 2 ** (len(channel_mults) - 1)
-    if img_size < multiple or img_size % multiple:
-        below, above = (img_size // multiple) * multiple, (img_size // multiple + 1) * multiple
-        nearest = f"{below} or {above}" if below >= multiple else str(above)
+    smallest = 2 * multiple
+    if img_size < smallest or img_size % multiple:
+        below, above = (img_size // multiple) * multiple, max((img_size // multiple + 1) * multiple, smallest)
+        nearest = f"{below} or {above}" if below >= smallest else str(above)
         raise ValueError(
             f"img_size {img_size} does not fit a {len(channel_mults)}-level U-Net: the side must be "
-            f"a multiple of {multiple} (nearest: {nearest})"
+            f"a multiple of {multiple} and at least {smallest} (nearest: {nearest})"
         )

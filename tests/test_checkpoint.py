@@ -1,5 +1,6 @@
 """Unit tier: the checkpoint round trip, and every way a file can fail to be one of ours."""
 
+import errno
 import os
 import pickle
 
@@ -63,10 +64,10 @@ def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path, monkeypatch):
     def failing_save(obj, f):
         with open(f, "wb") as handle:
             handle.write(b"half a file")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match="could not write checkpoint .*No space left on device.*untouched"):
         make_checkpoint(path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["m.pth"]
@@ -197,3 +198,37 @@ def test_checkpoint_without_its_image_size(tmp_path):
     rewrite(path, lambda c: c["data"].pop("img_size"))
     with pytest.raises(UserError, match="does not record the image size"):
         load_checkpoint(str(path))
+
+
+def test_save_into_a_folder_that_cannot_be_written(tmp_path, monkeypatch):
+    import models.files
+
+    path = tmp_path / "m.pth"
+    make_checkpoint(path)
+    before = path.read_bytes()
+
+    def refuse(*args, **kwargs):  # what mkstemp raises in a read-only folder (as root, chmod cannot show it)
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(models.files.tempfile, "mkstemp", refuse)
+    with pytest.raises(UserError, match="could not write checkpoint .*Permission denied"):
+        make_checkpoint(path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.pth"]
+
+
+def test_a_real_png_renamed_to_pth(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "m.pth"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(path, format="PNG")
+    with pytest.raises(UserError, match="cannot be read safely"):
+        load_checkpoint(str(path))
+
+
+def test_resume_state_travels_in_the_checkpoint(tmp_path):
+    model = UNet(3, 8, (1, 2))
+    path = tmp_path / "m.pth"
+    resume = {"step": 3, "optimizer": {"state": {}, "param_groups": []}, "generator": torch.ones(3, dtype=torch.uint8)}
+    save_checkpoint(str(path), model, NoiseSchedule(), data={"img_size": 16}, train_info={}, resume=resume)
+    _, _, checkpoint = load_checkpoint(str(path))
+    assert checkpoint["resume"]["step"] == 3 and torch.equal(checkpoint["resume"]["generator"], resume["generator"])

@@ -56,9 +56,12 @@ def test_help_lists_every_flag_with_its_default(monkeypatch, capsys):
 
 
 def one_error_line(status, out, err):
-    """The contract for every user mistake: exit 2, exactly one 'error: ...' line, nothing else."""
+    """The contract for every user mistake: exit 2, exactly one 'error: ...' line, nothing else.
+
+    (The training progress bar, if training had begun, is not counted.)
+    """
     assert status == 2, (out, err)
-    lines = err.strip().splitlines()
+    lines = [line for line in re.split(r"[\r\n]+", err.strip()) if line and not line.startswith("training:")]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
 
@@ -70,20 +73,27 @@ def one_error_line(status, out, err):
 QUICK = ["--img_size", 16, "--train_steps", 2, *TINY_NET]
 
 TRAIN_FLAG_ERRORS = [
-    (["--train_steps", "0"], "--train_steps: must be at least 1"),
-    (["--train_steps", "-5"], "--train_steps: must be at least 1"),
+    (["--train_steps", "0"], "--train_steps: must be an integer from 1 to 1000000"),
+    (["--train_steps", "-5"], "--train_steps: must be an integer from 1 to 1000000"),
     (["--train_steps", "ten"], "--train_steps: must be an integer"),
-    (["--batch_size", "0"], "--batch_size: must be at least 1"),
+    (["--batch_size", "0"], "--batch_size: must be an integer from 1 to 64"),
     (["--lr", "0"], "--lr: must be a finite number above 0"),
     (["--lr", "-0.001"], "--lr: must be a finite number above 0"),
     (["--lr=-1e-3"], "--lr: must be a finite number above 0"),
     (["--lr", "nan"], "--lr: must be a finite number above 0"),
     (["--lr", "inf"], "--lr: must be a finite number above 0"),
-    (["--img_size", "250", "--channel_mults", "1,2,4,8"], "img_size 250 does not fit a 4-level U-Net.*248 or 256"),
-    (["--img_size", "0"], "--img_size: must be at least 1"),
+    (["--img_size", "250", "--channel_mults", "1,2,4,8"], "img_size 250 does not fit a 4-level U-Net.*multiple of 8 and at least 16 \\(nearest: 248 or 256\\)"),
+    (["--img_size", "0"], "--img_size: must be an integer from 1 to 2048"),
     (["--base_channels", "12"], "base_channels must be a positive multiple of 8"),
+    (["--base_channels", "4"], "--base_channels: must be an integer from 8 to 1024"),
+    (["--batch_size", "65"], "--batch_size: must be an integer from 1 to 64"),
+    (["--img_size", "4096"], "--img_size: must be an integer from 1 to 2048"),
+    (["--channel_mults", "1,2,4,8,8,8,8,8,8"], "--channel_mults: must be 1 to 8 integers from 1 to 64"),
+    (["--channel_mults", "1,0"], "--channel_mults: must be 1 to 8 integers from 1 to 64"),
+    (["--seed", str(2**32)], "--seed: must be an integer from 0 to 4294967295"),
+    (["--save_every", "-1"], "--save_every: must be an integer from 0"),
     (["--channel_mults", "1,x"], "--channel_mults: must be comma-separated integers"),
-    (["--seed", "-1"], "--seed: must be 0 or more"),
+    (["--seed", "-1"], "--seed: must be an integer from 0 to 4294967295"),
     (["--device", "tpu"], "--device: invalid choice"),
     (["--no_such_flag"], "unrecognized arguments"),
 ]
@@ -142,8 +152,8 @@ def infer(tmp_path, tiny_image, checkpoint, *args, monkeypatch, capsys):
 
 
 INFER_FLAG_ERRORS = [
-    (["--t", "-1"], "--t: must be in 0..1000"),
-    (["--t", "1001"], "--t: must be in 0..1000"),
+    (["--t", "-1"], "--t: must be an integer from 0 to 1000"),
+    (["--t", "1001"], "--t: must be an integer from 0 to 1000"),
     (["--t", "0.5"], "--t: must be an integer"),
     (["--img_size", "32"], "--img_size 32 disagrees with the checkpoint, which was trained at 16"),
     (["--seed", "x"], "--seed: must be an integer"),
@@ -209,3 +219,26 @@ def test_outputs_may_not_overwrite_the_inputs(tmp_path, tiny_image, tiny_checkpo
         result = run_in_process(INFER, *args, monkeypatch=monkeypatch, capsys=capsys)
         assert f"{flag} {target!r} is the input file" in one_error_line(*result)
     assert open(tiny_image, "rb").read() == image_bytes
+
+
+def test_train_refuses_a_decompression_bomb(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("RGB", (64, 64)).save(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 px now counts as enormous
+    result = run_in_process(TRAIN, "--image_path", bomb, "--model_save_path", tmp_path / "m.pth", *QUICK,
+                            monkeypatch=monkeypatch, capsys=capsys)
+    assert "decompression bomb" in one_error_line(*result)
+    assert not (tmp_path / "m.pth").exists()
+
+
+def test_train_warns_about_a_small_image_and_still_trains(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    small = tmp_path / "small.png"
+    Image.new("RGB", (6, 4), (10, 200, 30)).save(small)
+    status, out, err = run_in_process(TRAIN, "--image_path", small, "--model_save_path", tmp_path / "m.pth",
+                                      *QUICK, monkeypatch=monkeypatch, capsys=capsys)
+    assert status == 0, err
+    assert "warning: " in err and "is only 6x4 px: enlarging it to 16x16" in err

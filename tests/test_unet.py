@@ -8,7 +8,8 @@ from models.unet_model import UNet, check_image_size, timestep_embedding
 
 @pytest.mark.parametrize(
     "base, mults, size",
-    [(8, (1,), 8), (8, (1, 2), 16), (8, (1, 2), 24), (16, (1, 2, 4, 8), 32), (8, (1, 1, 2), 12), (24, (1, 2), 10)],
+    [(8, (1,), 8), (8, (1,), 2), (8, (1, 2), 4), (8, (1, 2), 24), (16, (1, 2, 4, 8), 16), (8, (1, 1, 2), 12),
+     (24, (1, 2), 10)],
 )
 def test_output_has_the_input_shape(base, mults, size):
     model = UNet(3, base, mults)
@@ -52,19 +53,22 @@ def test_sinusoidal_embedding_values():
 
 def test_size_not_divisible_is_refused_before_the_network_runs():
     model = UNet(3, 8, (1, 2, 4, 8))
-    with pytest.raises(ValueError, match="not divisible by 8"):
+    with pytest.raises(ValueError, match="multiples of 8 and at least 16"):
         model(torch.randn(1, 3, 20, 20), torch.tensor([1]))
+    with pytest.raises(ValueError, match="multiples of 8 and at least 16"):
+        model(torch.randn(1, 3, 8, 8), torch.tensor([1]))  # the 1x1 bottom would break GroupNorm
 
 
-@pytest.mark.parametrize("size, nearest", [(250, "248 or 256"), (4, "8"), (12, "8 or 16")])
+@pytest.mark.parametrize("size, nearest", [(250, "248 or 256"), (4, "16"), (8, "16"), (12, "16"), (20, "16 or 24")])
 def test_image_size_check_names_sizes_that_work(size, nearest):
-    with pytest.raises(ValueError, match=f"multiple of 8 \\(nearest: {nearest}\\)"):
+    with pytest.raises(ValueError, match=f"multiple of 8 and at least 16 \\(nearest: {nearest}\\)"):
         check_image_size(size, [1, 2, 4, 8])
 
 
 def test_image_size_check_accepts_multiples():
-    for size in (8, 64, 256):
+    for size in (16, 64, 256):
         check_image_size(size, [1, 2, 4, 8])
+    check_image_size(2, [1])  # one level: no halving, and 2x2 is enough for GroupNorm
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,12 @@
 """Noise the image, denoise it with the trained U-Net, and show the three side by side.
 
     python ddpm_infer.py                       # the shipped model and image, t = 500 (w = 0.40)
-    python ddpm_infer.py --t 800 --output_path denoised.png
+    python ddpm_infer.py --steps 10            # denoise in 10 steps; also draws the trajectory
+    python ddpm_infer.py --sweep               # also sweep the noise level from w = 0 to 1
+    python ddpm_infer.py --model_path model_ckpt/demo_unet_full_noise.pth --t 1000 --steps 50
 
 Everything about the network comes from the checkpoint. The figure has three
-panels: Ground Truth / Noisy Input / Inference Output, with PSNR in the titles.
+panels: Ground Truth / Noisy Input / Inference Output, with PSNR and SSIM.
 """
 
 import sys
@@ -13,11 +15,15 @@ import torch
 
 from models.checkpoint import load_checkpoint
 from models.cli import MAX_SEED, ArgumentParser, add_device_argument, int_in_range, pick_device, run
-from models.diffusion import NUM_TIMESTEPS, denoise_one_step
+from models.diffusion import NUM_TIMESTEPS, denoise, timestep_grid
 from models.errors import UserError
+from models.figures import save_sweep, save_trajectory, save_trajectory_gif, save_triptych
 from models.files import check_writable
-from models.imaging import load_image, save_image, save_triptych
-from models.metrics import psnr
+from models.imaging import load_image, save_image
+from models.metrics import psnr, ssim
+
+SWEEP_WEIGHTS = [i / 10 for i in range(11)]  # w = 0, 0.1, ..., 1
+SWEEP_STEPS = 10  # the sweep's multi-step curve, unless --steps says otherwise
 
 
 def parse_args(argv=None):
@@ -31,6 +37,16 @@ def parse_args(argv=None):
                         help="also save the denoised image alone as a PNG here (default: not saved)")
     parser.add_argument("--t", type=int_in_range(0, NUM_TIMESTEPS), default=500,
                         help=f"noise level as a timestep 0..{NUM_TIMESTEPS}; w = max_noise * t / {NUM_TIMESTEPS}")
+    parser.add_argument("--steps", type=int_in_range(1, NUM_TIMESTEPS), default=None,
+                        help="denoising steps from t down to 0, at most t (default: 1, the original one-step "
+                             f"denoising; the sweep's multi-step curve uses {SWEEP_STEPS})")
+    parser.add_argument("--trajectory_path", default="images/denoise_trajectory.png",
+                        help="where the trajectory figure goes when --steps is above 1")
+    parser.add_argument("--gif", default=None, metavar="PATH",
+                        help="also save the trajectory as an animated GIF here (default: not saved)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also denoise at every noise level w = 0, 0.1, ..., 1 and plot PSNR against w")
+    parser.add_argument("--sweep_path", default="images/noise_sweep.png", help="where the sweep figure goes")
     parser.add_argument("--seed", type=int_in_range(0, MAX_SEED), default=0, help="seed for the noise eps")
     add_device_argument(parser)
     return parser.parse_args(argv)
@@ -41,47 +57,29 @@ def main():
     device = pick_device(args.device)
     model, schedule, checkpoint = load_checkpoint(args.model_path, device)
     img_size = resolve_img_size(args.img_size, checkpoint["data"]["img_size"])
-    check_outputs(args)
+    steps = args.steps or 1
+    check_steps(args.t, steps)
+    check_outputs(args, steps)
     x0 = load_image(args.image_path, img_size, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    eps = noise_like(x0, args.seed)
 
-    t = torch.tensor([args.t])
-    x_t = schedule.add_noise(x0, t, noise_like(x0, args.seed))  # (1, 3, H, W)
-    x0_hat = denoise_one_step(model, x_t.to(device), t.to(device)).cpu()
-
-    report(args, schedule.w(t).item(), x0, x_t, x0_hat, f"img_size={img_size}  device={device}")
+    x_t = schedule.add_noise(x0, torch.tensor([args.t]), eps)  # (1, 3, H, W)
+    trajectory = []
+    x0_hat = denoise(model, x_t.to(device), args.t, schedule, steps, trajectory).cpu()
+    report(args, steps, schedule.w(args.t), x0, x_t, x0_hat, f"img_size={img_size}  device={device}")
+    if steps > 1:
+        save_trajectory(trajectory, args.trajectory_path)
+        print(f"saved {args.trajectory_path}")
+    if args.gif:
+        save_trajectory_gif(trajectory, args.gif)
+        print(f"saved {args.gif}")
+    if args.sweep:
+        sweep(model, schedule, x0, eps, device, args.steps or SWEEP_STEPS, args.sweep_path)
 
 
 def noise_like(x0, seed):
     """eps ~ N(0, I), drawn on the CPU so that every device sees the same noisy input."""
     return torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-
-
-def check_outputs(args):
-    """Refuse output paths that cannot be written or would overwrite an input, before any work."""
-    inputs = [args.image_path, args.model_path]
-    check_writable(args.result_path, "--result_path", inputs)
-    if args.output_path is not None:
-        check_writable(args.output_path, "--output_path", inputs)
-
-
-def report(args, w, x0, x_t, x0_hat, setting):
-    """Measure PSNR, draw the triptych, save the requested files, print a short summary."""
-    noisy_shown = x_t.clamp(-1, 1)  # what a screen can show, and what PSNR is measured on
-    psnr_noisy, psnr_out = psnr(noisy_shown, x0), psnr(x0_hat, x0)
-    save_triptych(
-        [
-            (f"Ground Truth\n{x0.shape[-1]}x{x0.shape[-2]} px", x0),
-            (f"Noisy Input (t={args.t}, w={w:.2f})\nPSNR {psnr_noisy:.2f} dB", noisy_shown),
-            (f"Inference Output (1 step)\nPSNR {psnr_out:.2f} dB", x0_hat),
-        ],
-        args.result_path,
-    )
-    if args.output_path is not None:
-        save_image(x0_hat, args.output_path)
-    print(f"t={args.t}  w={w:.2f}  {setting}")
-    print(f"PSNR noisy input:      {psnr_noisy:6.2f} dB")
-    print(f"PSNR inference output: {psnr_out:6.2f} dB")
-    print(f"saved {args.result_path}" + (f" and {args.output_path}" if args.output_path else ""))
 
 
 def resolve_img_size(requested, trained):
@@ -92,6 +90,75 @@ def resolve_img_size(requested, trained):
             f"(leave --img_size out, or pass {trained})"
         )
     return trained
+
+
+def check_steps(t, steps):
+    try:
+        timestep_grid(t, steps)
+    except ValueError:
+        raise UserError(f"--steps {steps} is more than --t {t} allows: choose 1 to {max(t, 1)} steps") from None
+
+
+def check_outputs(args, steps):
+    """Refuse output paths that cannot be written or would overwrite an input, before any work."""
+    inputs = [args.image_path, args.model_path]
+    outputs = {"--result_path": args.result_path, "--output_path": args.output_path, "--gif": args.gif,
+               "--trajectory_path": args.trajectory_path if steps > 1 else None,
+               "--sweep_path": args.sweep_path if args.sweep else None}
+    for flag, path in outputs.items():
+        if path is not None:
+            check_writable(path, flag, inputs)
+
+
+def report(args, steps, w, x0, x_t, x0_hat, setting):
+    """Measure PSNR and SSIM, draw the triptych, save the requested files, print a short summary."""
+    noisy_shown = x_t.clamp(-1, 1)  # what a screen can show, and what the metrics measure
+    noisy, out = (psnr(noisy_shown, x0), ssim(noisy_shown, x0)), (psnr(x0_hat, x0), ssim(x0_hat, x0))
+    save_triptych(
+        [
+            (f"Ground Truth\n{x0.shape[-1]}x{x0.shape[-2]} px", x0),
+            (f"Noisy Input (t={args.t}, w={w:.2f})\nPSNR {noisy[0]:.2f} dB, SSIM {noisy[1]:.3f}", noisy_shown),
+            (f"Inference Output ({steps} step{'s' if steps > 1 else ''})\n"
+             f"PSNR {out[0]:.2f} dB, SSIM {out[1]:.3f}", x0_hat),
+        ],
+        args.result_path,
+    )
+    if args.output_path is not None:
+        save_image(x0_hat, args.output_path)
+    print(f"t={args.t}  w={w:.2f}  steps={steps}  {setting}")
+    print(f"PSNR noisy input:      {noisy[0]:6.2f} dB   SSIM {noisy[1]:.4f}")
+    print(f"PSNR inference output: {out[0]:6.2f} dB   SSIM {out[1]:.4f}")
+    print(f"saved {args.result_path}" + (f" and {args.output_path}" if args.output_path else ""))
+
+
+def sweep(model, schedule, x0, eps, device, steps, path):
+    """Denoise the same noise at w = 0, 0.1, ..., 1; draw the columns and PSNR against w; print the table.
+
+    The model's timestep for a weight w is t = w * T / max_noise. Past max_noise
+    that is above T: a noise level the model never saw in training.
+    """
+    columns, rows = [], []
+    for target_w in SWEEP_WEIGHTS:
+        t = round(target_w * schedule.num_timesteps / schedule.max_noise)
+        w = schedule.w(t)
+        x_t = schedule.add_noise(x0, torch.tensor([t]), eps)
+        one = denoise(model, x_t.to(device), t, schedule, 1).cpu()
+        many = denoise(model, x_t.to(device), t, schedule, min(steps, max(t, 1))).cpu()
+        noisy_shown = x_t.clamp(-1, 1)
+        rows.append((w, t, *[f(img, x0) for img in (noisy_shown, one, many) for f in (psnr, ssim)]))
+        columns.append((f"w={w:.1f}\nt={t}" + (" (unseen)" if t > schedule.num_timesteps else ""),
+                        noisy_shown, one))
+    ws = [row[0] for row in rows]
+    curves = {"noisy input": (ws, [row[2] for row in rows]), "1-step output": (ws, [row[4] for row in rows]),
+              f"{steps}-step output": (ws, [row[6] for row in rows])}
+    save_sweep(columns, curves, schedule.max_noise, path)
+
+    print(f"\nnoise sweep (max_noise = {schedule.max_noise:g}; t above {schedule.num_timesteps} was never trained on)")
+    print(f"{'w':>5} {'t':>5}   {'PSNR noisy':>10} {'1-step':>7} {f'{steps}-step':>8}   "
+          f"{'SSIM noisy':>10} {'1-step':>7} {f'{steps}-step':>8}")
+    for w, t, p_noisy, s_noisy, p_one, s_one, p_many, s_many in rows:
+        print(f"{w:5.2f} {t:5d}   {p_noisy:10.2f} {p_one:7.2f} {p_many:8.2f}   {s_noisy:10.4f} {s_one:7.4f} {s_many:8.4f}")
+    print(f"saved {path}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ end, and the snapshot is then deleted.
 """
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -23,18 +24,19 @@ import time
 import torch
 
 from models.checkpoint import load_checkpoint, save_checkpoint
-from models.cli import (MAX_SEED, ArgumentParser, add_device_argument, channel_multipliers, int_in_range,
-                        pick_device, positive_float, run, stop_on_sigint)
-from models.diffusion import NoiseSchedule
+from models.cli import (MAX_SEED, ArgumentParser, add_device_argument, channel_multipliers, fraction,
+                        int_in_range, pick_device, positive_float, run, stop_on_sigint)
+from models.diffusion import DEFAULT_MAX_NOISE, NoiseSchedule
 from models.errors import UserError
-from models.files import check_writable, file_sha256
+from models.figures import save_loss_by_noise, save_loss_curve
+from models.files import atomic_write, check_writable, file_sha256
 from models.imaging import load_image
 from models.training import NonFiniteLoss, Trainer
 from models.unet_model import UNet, check_image_size
 
 # The flags that define a run: a resumed run takes them from its checkpoint.
 RUN_SETTINGS = ("img_size", "batch_size", "train_steps", "lr", "image_path", "seed", "base_channels",
-                "channel_mults")
+                "channel_mults", "max_noise")
 EXIT_INTERRUPTED = 130  # the shell's code for "stopped by Ctrl-C"
 
 
@@ -53,6 +55,9 @@ def build_parser():
                         help="U-Net width at full resolution (a multiple of 8)")
     parser.add_argument("--channel_mults", type=channel_multipliers, default=[1, 2, 4, 8],
                         help="width of each U-Net level as a multiple of base_channels; one level per entry")
+    parser.add_argument("--max_noise", type=fraction, default=DEFAULT_MAX_NOISE,
+                        help="noise weight at t = T: w(t) = max_noise * t / T. Below 1 the model is a denoiser; "
+                             "with 1 it also learns to start from pure noise")
     add_device_argument(parser)
     parser.add_argument("--save_every", type=int_in_range(0, 1_000_000), default=500,
                         help="steps between resumable snapshots (0: only on Ctrl-C)")
@@ -73,10 +78,15 @@ def parse_args(argv=None):
 _NOT_TYPED = object()
 
 
-def resume_path(model_save_path):
-    """Where the resumable snapshot of a run goes: model.pth -> model.resume.pth."""
+def companion_paths(model_save_path):
+    """The files a run writes beside its checkpoint, named after it (model.pth -> model.*)."""
     root, ext = os.path.splitext(model_save_path)
-    return f"{root}.resume{ext or '.pth'}"
+    return {
+        "snapshot": f"{root}.resume{ext or '.pth'}",  # resumable, while the run is unfinished
+        "loss_curve": f"{root}_loss.png",
+        "loss_by_noise": f"{root}_loss_by_noise.png",
+        "record": f"{root}.json",
+    }
 
 
 def new_model(args):
@@ -124,6 +134,26 @@ class RunRecord:
     def elapsed(self):
         return self.earlier_time + time.perf_counter() - self.start
 
+    def write_reports(self, trainer, paths):
+        """The loss plots and the JSON run record, beside the finished checkpoint."""
+        losses, noise = trainer.loss_history(), trainer.noise_history()
+        save_loss_curve(losses, paths["loss_curve"])
+        save_loss_by_noise([trainer.schedule.w(t) for t in noise["t"]], noise["loss"], trainer.schedule.max_noise,
+                           paths["loss_by_noise"])
+        record = {
+            "command": " ".join(["python", "ddpm_train.py", *sys.argv[1:]]),
+            "args": {k: v for k, v in vars(self.args).items()},
+            "seed": self.args.seed, "device": str(self.device),
+            "torch_version": str(torch.__version__), "python_version": platform.python_version(),
+            "wall_time_s": round(self.elapsed(), 2), "train_steps": trainer.step,
+            "final_loss": sum(losses[-100:]) / len(losses[-100:]),
+            "image_path": self.args.image_path, "image_sha256": self.image_sha256,
+            "checkpoint": self.args.model_save_path,
+        }
+        with atomic_write(paths["record"]) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+            f.write("\n")
+
     def save(self, path, trainer, resumable):
         args = self.args
         save_checkpoint(
@@ -131,7 +161,8 @@ class RunRecord:
             data={"img_size": args.img_size, "image_path": args.image_path, "image_sha256": self.image_sha256},
             train_info={
                 "args": {k: v for k, v in vars(args).items() if k != "resume"}, "step": trainer.step,
-                "loss_history": trainer.loss_history(), "wall_time_s": self.elapsed(),
+                "loss_history": trainer.loss_history(), "noise_history": trainer.noise_history(),
+                "wall_time_s": self.elapsed(),
                 "device": str(self.device), "torch_version": str(torch.__version__),
                 "python_version": platform.python_version(),
             },
@@ -141,11 +172,12 @@ class RunRecord:
 
 def make_trainer(args, model, x0, device, snapshot):
     """A Trainer for a new run, or one that continues the run in ``snapshot``."""
-    trainer = Trainer(model, x0, NoiseSchedule(), args.train_steps, args.lr, batch_size=args.batch_size,
+    trainer = Trainer(model, x0, NoiseSchedule(max_noise=args.max_noise), args.train_steps, args.lr, batch_size=args.batch_size,
                       generator=torch.Generator(device=device).manual_seed(args.seed))  # every t and eps
     if snapshot is not None:
         try:
-            trainer.load_state_dict(snapshot["resume"], snapshot["train"]["loss_history"])
+            trainer.load_state_dict(snapshot["resume"], snapshot["train"]["loss_history"],
+                                    snapshot["train"]["noise_history"])
         except (KeyError, ValueError, RuntimeError) as exc:
             raise UserError(f"snapshot {args.resume!r} cannot be continued here ({exc})") from None
         print(f"resuming {args.resume} at step {trainer.step} of {args.train_steps}")
@@ -169,9 +201,10 @@ def main():
     args, typed = parse_args()
     device = pick_device(args.device)
     model, snapshot = open_snapshot(args, typed, device) if args.resume else (new_model(args), None)
-    snapshot_path = resume_path(args.model_save_path)
-    check_writable(args.model_save_path, "--model_save_path", inputs=[args.image_path])
-    check_writable(snapshot_path, "the snapshot", inputs=[args.image_path])
+    paths = companion_paths(args.model_save_path)
+    snapshot_path = paths["snapshot"]
+    for name, path in {"--model_save_path": args.model_save_path, **paths}.items():
+        check_writable(path, name, inputs=[args.image_path])
     x0 = load_image(args.image_path, args.img_size, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
     record = RunRecord(args, device, file_sha256(args.image_path),
                        earlier_time=snapshot["train"]["wall_time_s"] if snapshot else 0.0)
@@ -191,10 +224,13 @@ def main():
     record.save(args.model_save_path, trainer, resumable=False)
     if os.path.exists(snapshot_path):
         os.remove(snapshot_path)  # the run is finished: nothing is left to resume
+    record.write_reports(trainer, paths)
     losses = trainer.loss_history()[-100:]
     print(f"trained {args.train_steps} steps in {record.elapsed():.1f} s on {device}; "
           f"final loss {sum(losses) / len(losses):.6f} (mean of the last {len(losses)} steps)")
-    print(f"saved {os.path.abspath(args.model_save_path)}")
+    print(f"saved {os.path.abspath(args.model_save_path)}, with its loss plots and run record "
+          f"({os.path.basename(paths['loss_curve'])}, {os.path.basename(paths['loss_by_noise'])}, "
+          f"{os.path.basename(paths['record'])})")
 
 
 if __name__ == "__main__":

@@ -61,6 +61,14 @@ def positive_float(text):
     return value
 
 
+def fraction(text):
+    """argparse type: a number above 0 and at most 1."""
+    value = _parse(float, text, "a number")
+    if not 0 < value <= 1:  # also false for nan
+        raise argparse.ArgumentTypeError(f"must be a number above 0 and at most 1, got {text!r}")
+    return value
+
+
 def channel_multipliers(text):
     """argparse type: 1 to 8 comma-separated integers from 1 to 64, such as '1,2,4,8'."""
     try:

@@ -49,8 +49,8 @@ class NoiseSchedule:
         return {"num_timesteps": self.num_timesteps, "max_noise": self.max_noise}
 
     def w(self, t):
-        """Noise weight w(t) = max_noise * t / T for a (B,) tensor of timesteps -> (B,) float32."""
-        return self.max_noise * t.float() / self.num_timesteps
+        """Noise weight w(t) = max_noise * t / T: a (B,) tensor of timesteps -> (B,) float32, an int -> float."""
+        return self.max_noise * (t.float() if torch.is_tensor(t) else t) / self.num_timesteps
 
     def add_noise(self, x0, t, eps):
         """Forward process x_t = (1 - w) * x0 + w * eps, with one w per image of the batch.
@@ -67,26 +67,61 @@ class NoiseSchedule:
         )
 
 
-def training_loss(model, x0, schedule, generator=None):
-    """One Monte-Carlo sample of the training objective E_{t, eps} ||unet(x_t, t) - x0||^2.
+def training_losses(model, x0, schedule, generator=None):
+    """One Monte-Carlo sample of the training objective E_{t, eps} ||unet(x_t, t) - x0||^2, per image.
 
     x0: (B, C, H, W) clean images. Draws a timestep and fresh Gaussian noise
     per image (with ``generator`` if given), noises, predicts, and returns the
-    mean squared error (a 0-dim tensor).
+    mean squared error of each image, (B,), and the timesteps drawn, (B,).
     """
     t = schedule.sample_timesteps(x0.shape[0], generator=generator, device=x0.device)  # (B,)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = schedule.add_noise(x0, t, eps)
     x0_hat = model(x_t, t)
-    return F.mse_loss(x0_hat, x0)
+    return ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3)), t
+
+
+def timestep_grid(t_start, steps):
+    """Evenly spaced integer timesteps t_start = s_N > ... > s_1 > s_0 = 0, with N = steps.
+
+    Raises ValueError if the grid cannot be strictly decreasing (more steps
+    than timesteps); from t_start = 0 the only grid is one step, [0, 0].
+    """
+    if steps < 1 or steps > max(t_start, 1):
+        raise ValueError(f"cannot take {steps} steps from t={t_start}: choose 1 to {max(t_start, 1)} steps")
+    return [round(t_start * k / steps) for k in range(steps, -1, -1)]
 
 
 @torch.inference_mode()
-def denoise_one_step(model, x_t, t):
-    """One-step denoising, what the original demo did: x0_hat = clamp(unet(x_t, t), -1, 1).
+def denoise(model, x_t, t_start, schedule, steps=1, trajectory=None):
+    """Denoise x_t, noised to the level of timestep t_start, in ``steps`` steps (DESIGN.md section 1).
 
-    x_t: (B, C, H, W); t: (B,) -> (B, C, H, W) in [-1, 1].
+    At each s_k of timestep_grid(t_start, steps), k = N, ..., 1:
+
+        x0_hat  = clamp(unet(x, s_k), -1, 1)                    predict the clean image
+        eps_hat = (x - (1 - w(s_k)) * x0_hat) / w(s_k)           the noise that x0_hat implies
+        x       = (1 - w(s_{k-1})) * x0_hat + w(s_{k-1}) * eps_hat  re-noise to the next, lower level
+
+    and the answer is the x0_hat of the last step (where s_{k-1} = 0). With
+    steps = 1 this is the original demo's one-step denoising,
+    clamp(unet(x_t, t), -1, 1). The update is DDIM's deterministic step
+    (Song et al. 2021, eq. 12, eta = 0) for this noising, and an Euler step
+    of the rectified-flow ODE dx/dw = eps_hat - x0_hat.
+
+    x_t: (B, C, H, W). If ``trajectory`` is a list, one (s_k, w(s_k), x, x0_hat)
+    per step is appended to it (tensors on the CPU), for the figures.
     """
     model.eval()
-    return model(x_t, t).clamp(-1.0, 1.0)
-
+    x = x_t
+    grid = timestep_grid(t_start, steps)
+    for s_k, s_next in zip(grid[:-1], grid[1:]):
+        t = torch.full((x.shape[0],), s_k, device=x.device)
+        x0_hat = model(x, t).clamp(-1.0, 1.0)  # (B, C, H, W)
+        w_k, w_next = schedule.w(s_k), schedule.w(s_next)
+        if trajectory is not None:
+            trajectory.append((s_k, w_k, x.cpu(), x0_hat.cpu()))
+        if s_next == 0:
+            break
+        eps_hat = (x - (1 - w_k) * x0_hat) / w_k
+        x = (1 - w_next) * x0_hat + w_next * eps_hat
+    return x0_hat

@@ -1,4 +1,4 @@
-"""Image files <-> tensors in [-1, 1], and the result figure.
+"""Image files <-> tensors in [-1, 1].
 
 One pair of converters, named for their ranges:
 
@@ -18,14 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from .errors import UserError
 from .files import atomic_write
 
 BACKGROUND = (255, 255, 255)  # what transparent pixels are composited on: white
-FIGURE_WIDTH_PX = 1500
 
 
 def signed_to_unit(x):
@@ -112,27 +109,3 @@ def save_image(x, path):
     """Write a tensor in [-1, 1] as an 8-bit RGB PNG (atomically)."""
     with atomic_write(path) as tmp:
         to_pil(x).save(tmp, format="PNG")
-
-
-def save_triptych(panels, path):
-    """Draw images side by side with titles and save the figure as PNG (atomically).
-
-    panels: list of (title, image tensor in [-1, 1]). The figure is
-    FIGURE_WIDTH_PX wide; titles may take two lines.
-    """
-    count = len(panels)
-    dpi = 100
-    width = FIGURE_WIDTH_PX / dpi  # inches
-    gap, title_space = 0.01, 0.7  # gap: fraction of the width; title_space: inches
-    panel = width * (1 - gap * (count + 1)) / count  # each square panel's side, inches
-    height = panel + title_space + 0.1
-    fig = Figure(figsize=(width, height), dpi=dpi)
-    FigureCanvasAgg(fig)
-    for i, (title, image) in enumerate(panels):
-        left = gap + i * (panel / width + gap)
-        ax = fig.add_axes((left, 0.1 / height, panel / width, panel / height))
-        ax.imshow(to_pil(image))
-        ax.set_title(title, fontsize=14)
-        ax.axis("off")
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)

@@ -1,15 +1,59 @@
-"""Image quality: PSNR against the ground truth."""
+"""Image quality against the ground truth: PSNR and SSIM.
+
+Both take images in [-1, 1] (the project's convention) and measure them on
+the [0, 1] scale, where the peak value is 1.
+"""
 
 import math
 
 import torch
+import torch.nn.functional as F
+
+SSIM_WINDOW = 11  # Gaussian window of Wang et al. 2004: 11 x 11, sigma 1.5
+SSIM_SIGMA = 1.5
+SSIM_K1, SSIM_K2 = 0.01, 0.03
 
 
 def psnr(image, reference):
-    """Peak signal-to-noise ratio in dB of two images in [-1, 1], measured on the [0, 1] scale.
+    """Peak signal-to-noise ratio in dB: 10 * log10(1 / MSE), MSE over all pixels and channels.
 
-    PSNR = 10 * log10(1 / MSE) with MSE over all pixels and channels of the
-    images mapped to [0, 1] (peak value 1). Identical images give +inf.
+    Identical images give +inf.
     """
     mse = torch.mean(((image.float() - reference.float()) / 2) ** 2).item()  # /2: [-1, 1] -> [0, 1] scale
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def gaussian_window(size=SSIM_WINDOW, sigma=SSIM_SIGMA):
+    """(size, size) Gaussian weights summing to 1."""
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim(image, reference):
+    """Structural similarity (Wang, Bovik, Sheikh, Simoncelli 2004, eq. 13), in [-1, 1]; 1 means identical.
+
+    Local means, variances and covariance come from an 11 x 11 Gaussian window
+    (sigma 1.5) at every position where it fits inside the image; with
+    C1 = (0.01 * L)^2 and C2 = (0.03 * L)^2 for the peak L = 1,
+
+        SSIM(x, y) = (2 mu_x mu_y + C1)(2 sigma_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(sigma_x^2 + sigma_y^2 + C2))
+
+    is averaged over positions, computed per channel, and the channels are
+    averaged. image, reference: (C, H, W) or (1, C, H, W), at least 11 px a side.
+    """
+    x = ((image.double() + 1) / 2).reshape(-1, 1, *image.shape[-2:])  # (C, 1, H, W) in [0, 1]
+    y = ((reference.double() + 1) / 2).reshape(-1, 1, *reference.shape[-2:])
+    window = gaussian_window().to(x.device)[None, None]  # (1, 1, 11, 11)
+
+    def local_mean(z):
+        return F.conv2d(z, window)  # (C, 1, H - 10, W - 10): the window only where it fits
+
+    mu_x, mu_y = local_mean(x), local_mean(y)
+    var_x = local_mean(x * x) - mu_x**2
+    var_y = local_mean(y * y) - mu_y**2
+    cov_xy = local_mean(x * y) - mu_x * mu_y
+    c1, c2 = SSIM_K1**2, SSIM_K2**2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.mean(dim=(1, 2, 3)).mean().item()  # per channel, then over channels

@@ -20,7 +20,7 @@ import math
 import torch
 from tqdm import tqdm
 
-from .diffusion import training_loss
+from .diffusion import training_losses
 
 WARMUP_STEPS = 100
 GRAD_CLIP_NORM = 1.0
@@ -64,20 +64,24 @@ class Trainer:
             self.optimizer, lambda step: learning_rate_factor(step, train_steps)
         )
         self.step = 0  # steps done
-        # Losses stay on the device and are read back only now and then, not every step. A
-        # preallocated buffer, not a list of loss tensors: those would keep each step's graph alive.
-        self.losses = torch.zeros(train_steps, device=x0.device)
+        # Histories stay on the device and are read back only now and then, not every step.
+        # Preallocated buffers, not lists of loss tensors: those would keep each step's graph alive.
+        self.losses = torch.zeros(train_steps, device=x0.device)  # batch mean, per step
+        self.image_t = torch.zeros(train_steps, dtype=torch.long, device=x0.device)  # t of the batch's
+        self.image_losses = torch.zeros(train_steps, device=x0.device)  # first image, and its loss
         self.stop_requested = False
 
     def train_step(self):
         """One Adam step on a fresh (t, eps) draw (DDPM Algorithm 1, x0 as the target)."""
-        loss = training_loss(self.model, self.x0_batch, self.schedule, generator=self.generator)
+        image_losses, t = training_losses(self.model, self.x0_batch, self.schedule, generator=self.generator)
+        loss = image_losses.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP_NORM)
         self.optimizer.step()
         self.lr_schedule.step()
         self.losses[self.step] = loss.detach()
+        self.image_t[self.step], self.image_losses[self.step] = t[0], image_losses[0].detach()
         self.step += 1
 
     def run(self, save_every=0, on_save=None, show_progress=True):
@@ -114,7 +118,12 @@ class Trainer:
             raise NonFiniteLoss(first + 1, self.losses[first].item())
 
     def loss_history(self):
+        """The mean loss of every step so far."""
         return self.losses[: self.step].tolist()
+
+    def noise_history(self):
+        """(t, loss) of the first image of every step so far: how hard each noise level is."""
+        return {"t": self.image_t[: self.step].tolist(), "loss": self.image_losses[: self.step].tolist()}
 
     def state_dict(self):
         """Everything but the weights that continuing the run needs; plain data and tensors."""
@@ -130,8 +139,8 @@ class Trainer:
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         return state
 
-    def load_state_dict(self, state, loss_history):
-        """Continue the run that ``state`` (from state_dict) and ``loss_history`` describe."""
+    def load_state_dict(self, state, loss_history, noise_history):
+        """Continue the run that ``state`` (from state_dict) and the histories describe."""
         if state["generator_device"] != self.generator.device.type:
             raise ValueError(
                 f"the run was saved on {state['generator_device']} and cannot continue exactly on "
@@ -147,6 +156,8 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step = state["step"]
         self.losses[: self.step] = torch.tensor(loss_history, device=self.losses.device)
+        self.image_t[: self.step] = torch.tensor(noise_history["t"], device=self.losses.device)
+        self.image_losses[: self.step] = torch.tensor(noise_history["loss"], device=self.losses.device)
 
 
 def train(model, x0, schedule, train_steps, lr, batch_size=1, generator=None, show_progress=True):

@@ -26,7 +26,7 @@ def test_train_then_infer_end_to_end(tmp_path, tiny_image):
     inferred = run_script(INFER, "--image_path", tiny_image, "--model_path", ckpt, "--result_path", result,
                           "--output_path", output, "--t", 300, "--device", "cpu", cwd=tmp_path)
     assert inferred.returncode == 0, inferred.stderr
-    assert "t=300  w=0.24  img_size=16  device=cpu" in inferred.stdout
+    assert "t=300  w=0.24  steps=1  img_size=16  device=cpu" in inferred.stdout
     noisy = float(re.search(r"PSNR noisy input:\s+([\d.]+) dB", inferred.stdout).group(1))
     denoised = float(re.search(r"PSNR inference output:\s+([\d.]+) dB", inferred.stdout).group(1))
     assert 5 < noisy < 40 and 5 < denoised < 60

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from models.diffusion import NoiseSchedule, denoise_one_step, training_loss
+from models.diffusion import NoiseSchedule, denoise, timestep_grid, training_losses
 
 
 def test_default_schedule_is_the_original_notes():
@@ -55,25 +55,26 @@ class Oracle(torch.nn.Module):
         return (x_t - w * self.eps) / (1 - w)
 
 
-def test_training_loss_is_mse_to_x0():
+def test_training_losses_are_the_mse_of_each_image():
     schedule = NoiseSchedule()
     x0 = torch.rand(2, 3, 4, 4) * 2 - 1
     generator = torch.Generator().manual_seed(0)
-    # a model that returns zeros: the loss is mean(x0^2), whatever t and eps were drawn
+    # a model that returns zeros: each image's loss is mean(x0^2), whatever t and eps were drawn
     zero_model = lambda x_t, t: torch.zeros_like(x_t)  # noqa: E731
-    loss = training_loss(zero_model, x0, schedule, generator=generator)
-    assert loss.item() == pytest.approx((x0 ** 2).mean().item())
+    losses, t = training_losses(zero_model, x0, schedule, generator=generator)
+    assert losses.shape == (2,) and t.shape == (2,)
+    assert losses.tolist() == pytest.approx((x0 ** 2).mean(dim=(1, 2, 3)).tolist())
 
 
-def test_training_loss_is_zero_for_the_oracle():
+def test_training_losses_are_zero_for_the_oracle():
     schedule = NoiseSchedule()
     x0 = torch.rand(1, 3, 4, 4) * 2 - 1
-    # the same draws as training_loss makes: first t, then eps
+    # the same draws as training_losses makes: first t, then eps
     replay = torch.Generator().manual_seed(7)
-    schedule.sample_timesteps(1, generator=replay)
+    t = schedule.sample_timesteps(1, generator=replay)
     eps = torch.randn(x0.shape, generator=replay)
-    loss = training_loss(Oracle(schedule, eps), x0, schedule, generator=torch.Generator().manual_seed(7))
-    assert loss.item() == pytest.approx(0.0, abs=1e-10)
+    losses, drawn_t = training_losses(Oracle(schedule, eps), x0, schedule, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(drawn_t, t) and losses.item() == pytest.approx(0.0, abs=1e-10)
 
 
 class TripleWithDropout(torch.nn.Module):
@@ -90,7 +91,88 @@ class TripleWithDropout(torch.nn.Module):
 def test_one_step_denoising_clamps_and_runs_in_eval_mode():
     model = TripleWithDropout().train()
     x_t = torch.tensor([[[[0.1, -0.2, 0.9]]]]).repeat(1, 1, 50, 1)
-    out = denoise_one_step(model, x_t, torch.tensor([500]))
+    out = denoise(model, x_t, 500, NoiseSchedule(), steps=1)
     assert not model.training
     assert torch.allclose(out, torch.tensor([0.3, -0.6, 1.0]).expand_as(out))  # 2.7 clamped to 1
     assert not out.requires_grad
+
+
+class TimeScaledConv(torch.nn.Module):
+    """A small stand-in network whose output depends on both x and t."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.conv(x) * (1 + t.float()[:, None, None, None] / 1000)
+
+
+def test_one_step_is_the_original_demo():
+    torch.manual_seed(0)
+    model = TimeScaledConv()
+    x_t = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x_t, torch.tensor([300, 300])).clamp(-1, 1)  # clamp(unet(x_t, t), -1, 1)
+    assert torch.equal(denoise(model, x_t, 300, NoiseSchedule(), steps=1), expected)
+
+
+@pytest.mark.parametrize(
+    "t_start, steps, grid",
+    [(500, 1, [500, 0]), (500, 2, [500, 250, 0]), (1000, 4, [1000, 750, 500, 250, 0]), (10, 3, [10, 7, 3, 0]),
+     (0, 1, [0, 0]), (3, 3, [3, 2, 1, 0])],
+)
+def test_timestep_grid(t_start, steps, grid):
+    assert timestep_grid(t_start, steps) == grid
+
+
+@pytest.mark.parametrize("t_start, steps", [(5, 6), (0, 2), (100, 0)])
+def test_timestep_grid_refuses_more_steps_than_timesteps(t_start, steps):
+    with pytest.raises(ValueError, match="steps"):
+        timestep_grid(t_start, steps)
+
+
+class Constant(torch.nn.Module):
+    """Predicts the same x0_hat whatever it is given, and records the timesteps it was asked at."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value, self.seen = value, []
+
+    def forward(self, x, t):
+        self.seen.append(t.tolist())
+        return torch.full_like(x, self.value)
+
+
+def test_two_steps_worked_by_hand():
+    # max_noise 0.8, T = 1000, from t = 1000 in two steps: grid 1000 -> 500 -> 0, w = 0.8 -> 0.4 -> 0
+    # start x = 0.5; the model always answers x0_hat = 0.2
+    #   step 1 (t=1000, w=0.8): eps_hat = (0.5 - 0.2 * 0.2) / 0.8 = 0.575
+    #                           x = 0.6 * 0.2 + 0.4 * 0.575 = 0.35
+    #   step 2 (t=500):         x0_hat = 0.2, and s_0 = 0: the answer
+    model = Constant(0.2)
+    trajectory = []
+    out = denoise(model, torch.full((1, 1, 1, 1), 0.5), 1000, NoiseSchedule(), steps=2, trajectory=trajectory)
+    assert model.seen == [[1000], [500]]
+    assert out.item() == pytest.approx(0.2)
+    assert [(t, round(w, 6)) for t, w, _, _ in trajectory] == [(1000, 0.8), (500, 0.4)]
+    assert trajectory[0][2].item() == pytest.approx(0.5) and trajectory[1][2].item() == pytest.approx(0.35)
+
+
+def test_multi_step_update_is_an_euler_step_of_the_flow():
+    # x_next = x + (w_next - w_k) * (eps_hat - x0_hat): the same line, seen as an ODE step
+    schedule = NoiseSchedule(max_noise=1.0)
+    x = torch.tensor([[[[0.7]]]])
+    trajectory = []
+    denoise(Constant(-0.3), x, 900, schedule, steps=3, trajectory=trajectory)
+    (t0, w0, x0_, pred0), (t1, w1, x1_, _) = trajectory[:2]
+    eps_hat = (x0_ - (1 - w0) * pred0) / w0
+    assert x1_.item() == pytest.approx((x0_ + (w1 - w0) * (eps_hat - pred0)).item())
+
+
+def test_multi_step_clamps_x0_before_renoising():
+    trajectory = []
+    denoise(Constant(5.0), torch.zeros(1, 1, 1, 1), 1000, NoiseSchedule(), steps=2, trajectory=trajectory)
+    assert trajectory[0][3].item() == 1.0  # x0_hat clamped to [-1, 1]
+    # eps_hat = (0 - 0.2 * 1) / 0.8 = -0.25;  x = 0.6 * 1 + 0.4 * (-0.25) = 0.5
+    assert trajectory[1][2].item() == pytest.approx(0.5)

@@ -7,7 +7,8 @@ from PIL import Image
 
 from conftest import bad_image
 from models.errors import UserError
-from models.imaging import load_image, save_image, save_triptych, signed_to_unit, unit_to_signed
+from models.figures import save_triptych
+from models.imaging import load_image, save_image, signed_to_unit, unit_to_signed
 
 
 def as_unit(x):

@@ -32,16 +32,19 @@ def test_a_run_stopped_and_resumed_ends_exactly_like_one_never_stopped(tiny_imag
     assert stopped.step == 5
     path = str(tmp_path / "snapshot.pth")
     save_checkpoint(path, stopped.model, NoiseSchedule(), data={"img_size": 16},
-                    train_info={"loss_history": stopped.loss_history()}, resume=stopped.state_dict())
+                    train_info={"loss_history": stopped.loss_history(), "noise_history": stopped.noise_history()},
+                    resume=stopped.state_dict())
 
     model, _, checkpoint = load_checkpoint(path)
     resumed = new_trainer(tiny_image, seed=99)  # different weights and generator, all to be replaced
     resumed.model.load_state_dict(model.state_dict())
-    resumed.load_state_dict(checkpoint["resume"], checkpoint["train"]["loss_history"])
+    resumed.load_state_dict(checkpoint["resume"], checkpoint["train"]["loss_history"],
+                            checkpoint["train"]["noise_history"])
     torch.rand(10)  # the global RNG moves on; the run must not depend on it
     assert resumed.run(show_progress=False)
 
     assert resumed.loss_history() == straight.loss_history()
+    assert resumed.noise_history() == straight.noise_history()
     for name, weight in straight.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[name], weight), name
 
@@ -50,7 +53,7 @@ def test_resume_state_of_another_length_is_refused(tiny_image):
     trainer = new_trainer(tiny_image, steps=4)
     trainer.run(save_every=2, on_save=lambda t: t.request_stop(), show_progress=False)
     with pytest.raises(ValueError, match="does not fit"):
-        new_trainer(tiny_image, steps=4).load_state_dict(trainer.state_dict(), [0.1])
+        new_trainer(tiny_image, steps=4).load_state_dict(trainer.state_dict(), [0.1], {"t": [5], "loss": [0.1]})
 
 
 class NanAfter(torch.nn.Module):
@@ -130,7 +133,7 @@ def test_save_every_writes_snapshots_and_the_finished_run_removes_them(tmp_path,
                                       monkeypatch=monkeypatch, capsys=capsys)
     assert status == 0, err
     assert written == [(3, True), (6, True), (7, False)]
-    assert sorted(os.listdir(tmp_path)) == ["m.pth", "tiny.png"]
+    assert sorted(os.listdir(tmp_path)) == ["m.json", "m.pth", "m_loss.png", "m_loss_by_noise.png", "tiny.png"]
 
 
 def test_divergence_is_one_error_line_and_the_old_checkpoint_survives(tmp_path, tiny_image, monkeypatch, capsys):

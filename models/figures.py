@@ -1,0 +1,191 @@
+"""The figures: each function draws what it is given and saves a PNG (or GIF) atomically.
+
+    save_triptych       Ground Truth / Noisy Input / Inference Output
+    save_trajectory     multi-step denoising: x and x0_hat at each step
+    save_trajectory_gif the same as an animation
+    save_sweep          noisy input and outputs across noise levels, and PSNR against w
+    save_loss_curve     training loss against step
+    save_loss_by_noise  training loss against noise level w, binned
+
+Nothing here computes a metric or runs the model. Matplotlib is used through
+its object API (Figure + the Agg canvas), so no window or global state is
+involved.
+"""
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+from .files import atomic_write
+from .imaging import to_pil
+
+FIGURE_WIDTH_PX = 1500
+DPI = 100
+MAX_TRAJECTORY_COLUMNS = 10
+
+
+def _new_figure(width_in, height_in):
+    fig = Figure(figsize=(width_in, height_in), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path):
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+
+
+def _show(ax, image, title=None, fontsize=12):
+    ax.imshow(to_pil(image))
+    if title:
+        ax.set_title(title, fontsize=fontsize)
+    ax.axis("off")
+
+
+def save_triptych(panels, path):
+    """Images side by side with titles (of up to two lines), FIGURE_WIDTH_PX wide.
+
+    panels: list of (title, image tensor in [-1, 1]).
+    """
+    count = len(panels)
+    width = FIGURE_WIDTH_PX / DPI  # inches
+    gap, title_space = 0.01, 0.7  # gap: fraction of the width; title_space: inches
+    panel = width * (1 - gap * (count + 1)) / count  # each square panel's side, inches
+    height = panel + title_space + 0.1
+    fig = _new_figure(width, height)
+    for i, (title, image) in enumerate(panels):
+        left = gap + i * (panel / width + gap)
+        _show(fig.add_axes((left, 0.1 / height, panel / width, panel / height)), image, title, fontsize=14)
+    _save(fig, path)
+
+
+def pick_steps(count, most=MAX_TRAJECTORY_COLUMNS):
+    """Indices of at most ``most`` steps out of ``count``, evenly spread, first and last included."""
+    if count <= most:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / (most - 1)) for i in range(most)})
+
+
+def save_trajectory(trajectory, path):
+    """Multi-step denoising, one column per step: the current x on top, the model's x0_hat below.
+
+    trajectory: list of (t, w, x, x0_hat) as denoise() records it. Long runs
+    show MAX_TRAJECTORY_COLUMNS evenly spread steps, first and last included.
+    """
+    chosen = pick_steps(len(trajectory))
+    columns = len(chosen)
+    fig = _new_figure(FIGURE_WIDTH_PX / DPI, 2 * FIGURE_WIDTH_PX / DPI / max(columns, 4) + 1.2)
+    axes = fig.subplots(2, columns, squeeze=False)
+    for col, index in enumerate(chosen):
+        t, w, x, x0_hat = trajectory[index]
+        _show(axes[0, col], x, f"step {index + 1}/{len(trajectory)}\nt={t}, w={w:.2f}", fontsize=10)
+        _show(axes[1, col], x0_hat)
+    axes[0, 0].text(-0.08, 0.5, "x (input)", transform=axes[0, 0].transAxes, rotation=90, va="center", ha="right")
+    axes[1, 0].text(-0.08, 0.5, "x0_hat (prediction)", transform=axes[1, 0].transAxes, rotation=90,
+                    va="center", ha="right")
+    shown = "" if columns == len(trajectory) else f" ({columns} of {len(trajectory)} steps shown)"
+    fig.suptitle(f"Multi-step denoising{shown}: each step predicts x0, then re-noises it to the next lower t",
+                 fontsize=13)
+    fig.tight_layout(rect=(0.02, 0, 1, 0.97))
+    _save(fig, path)
+
+
+def save_trajectory_gif(trajectory, path, frame_ms=250):
+    """An animated GIF: one frame per step with x and x0_hat side by side; the last frame lingers."""
+    frames = []
+    for index, (t, w, x, x0_hat) in enumerate(trajectory):
+        fig = _new_figure(6.4, 3.6)
+        left, right = fig.subplots(1, 2)
+        _show(left, x, f"x  (t={t}, w={w:.2f})", fontsize=11)
+        _show(right, x0_hat, "x0_hat (prediction)", fontsize=11)
+        fig.suptitle(f"step {index + 1}/{len(trajectory)}", fontsize=12)
+        fig.tight_layout()
+        fig.canvas.draw()
+        rgba = np.asarray(fig.canvas.buffer_rgba())
+        frames.append(Image.fromarray(rgba[:, :, :3].copy()))
+    durations = [frame_ms] * (len(frames) - 1) + [frame_ms * 8]
+    with atomic_write(path) as tmp:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
+
+
+def save_sweep(columns, curves, max_noise, path):
+    """Noise-level sweep: image columns on top, PSNR against w below.
+
+    columns: list of (title, noisy input, one-step output) for a few noise levels.
+    curves:  dict label -> (list of w, list of PSNR in dB).
+    Noise levels above max_noise, which the model never saw in training, are shaded.
+    """
+    count = len(columns)
+    width = FIGURE_WIDTH_PX / DPI
+    cell = width / count
+    fig = _new_figure(width, 2 * cell + 4.2)
+    grid = fig.add_gridspec(3, count, height_ratios=[cell, cell, 3.6])
+    for col, (title, noisy, output) in enumerate(columns):
+        _show(fig.add_subplot(grid[0, col]), noisy, title, fontsize=8)
+        _show(fig.add_subplot(grid[1, col]), output)
+    fig.axes[0].text(-0.1, 0.5, "noisy input", transform=fig.axes[0].transAxes, rotation=90, va="center",
+                     ha="right", fontsize=9)
+    fig.axes[1].text(-0.1, 0.5, "1-step output", transform=fig.axes[1].transAxes, rotation=90, va="center",
+                     ha="right", fontsize=9)
+
+    plot = fig.add_subplot(grid[2, :])
+    for label, (ws, values) in curves.items():
+        plot.plot(ws, values, marker="o", label=label)
+    if max_noise < 1:
+        plot.axvspan(max_noise, 1.0, color="grey", alpha=0.2,
+                     label=f"never seen in training (w > max_noise = {max_noise:g})")
+    plot.set_xlim(0, 1)
+    plot.set_xlabel("noise weight w  (x_t = (1 - w) x0 + w eps)")
+    plot.set_ylabel("PSNR against ground truth (dB)")
+    plot.grid(alpha=0.3)
+    plot.legend(loc="upper right")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def save_loss_curve(losses, path, smoothing=50):
+    """Training loss against step, raw and as a moving average, on a log scale."""
+    losses = np.asarray(losses, dtype=np.float64)
+    steps = np.arange(1, len(losses) + 1)
+    fig = _new_figure(10, 5)
+    ax = fig.add_subplot()
+    ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss per step")
+    if len(losses) >= smoothing:
+        smooth = np.convolve(losses, np.ones(smoothing) / smoothing, mode="valid")
+        ax.plot(steps[smoothing - 1:], smooth, color="tab:blue", linewidth=2,
+                label=f"mean of the last {smoothing} steps")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MSE loss (log scale)")
+    ax.set_title("Training loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def save_loss_by_noise(ws, losses, max_noise, path, bins=16):
+    """Mean training loss in bins of the noise weight w: which noise levels are hard.
+
+    ws, losses: the noise weight and loss of one image per step. The second
+    half of training is drawn separately, to show what the model ends up with.
+    """
+    ws, losses = np.asarray(ws, dtype=np.float64), np.asarray(losses, dtype=np.float64)
+    edges = np.linspace(0, max_noise, bins + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    fig = _new_figure(10, 5)
+    ax = fig.add_subplot()
+    half = len(ws) // 2
+    for label, part in [("all steps", slice(None)), ("second half of training", slice(half, None))]:
+        which = np.clip(np.digitize(ws[part], edges) - 1, 0, bins - 1)
+        means = [losses[part][which == b].mean() if np.any(which == b) else np.nan for b in range(bins)]
+        ax.plot(centres, means, marker="o", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("noise weight w of the training input")
+    ax.set_ylabel("mean MSE loss in the bin (log scale)")
+    ax.set_title("Training loss by noise level: more noise, harder to undo")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path)

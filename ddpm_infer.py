@@ -134,12 +134,12 @@ def report(args, steps, w, x0, x_t, x0_hat, setting):
 def sweep(model, schedule, x0, eps, device, steps, path):
     """Denoise the same noise at w = 0, 0.1, ..., 1; draw the columns and PSNR against w; print the table.
 
-    The model's timestep for a weight w is t = w * T / max_noise. Past max_noise
-    that is above T: a noise level the model never saw in training.
+    The model's timestep for a weight w is t = w * T / max_noise (schedule.timestep_for).
+    Past max_noise that is above T: a noise level the model never saw in training.
     """
     columns, rows = [], []
     for target_w in SWEEP_WEIGHTS:
-        t = round(target_w * schedule.num_timesteps / schedule.max_noise)
+        t = schedule.timestep_for(target_w)
         w = schedule.w(t)
         x_t = schedule.add_noise(x0, torch.tensor([t]), eps)
         one = denoise(model, x_t.to(device), t, schedule, 1).cpu()
@@ -157,7 +157,8 @@ def sweep(model, schedule, x0, eps, device, steps, path):
     print(f"{'w':>5} {'t':>5}   {'PSNR noisy':>10} {'1-step':>7} {f'{steps}-step':>8}   "
           f"{'SSIM noisy':>10} {'1-step':>7} {f'{steps}-step':>8}")
     for w, t, p_noisy, s_noisy, p_one, s_one, p_many, s_many in rows:
-        print(f"{w:5.2f} {t:5d}   {p_noisy:10.2f} {p_one:7.2f} {p_many:8.2f}   {s_noisy:10.4f} {s_one:7.4f} {s_many:8.4f}")
+        print(f"{w:5.2f} {t:5d}   {p_noisy:10.2f} {p_one:7.2f} {p_many:8.2f}   "
+              f"{s_noisy:10.4f} {s_one:7.4f} {s_many:8.4f}")
     print(f"saved {path}")
 
 

@@ -42,7 +42,8 @@ EXIT_INTERRUPTED = 130  # the shell's code for "stopped by Ctrl-C"
 
 def build_parser():
     parser = ArgumentParser(description="Train the time-embedded U-Net to denoise one image.")
-    parser.add_argument("--img_size", type=int_in_range(1, 2048), default=256, help="side of the square training image, px")
+    parser.add_argument("--img_size", type=int_in_range(1, 2048), default=256,
+                        help="side of the square training image, px")
     parser.add_argument("--batch_size", type=int_in_range(1, 64), default=1,
                         help="noisy copies of the image per step, each at its own t")
     parser.add_argument("--train_steps", type=int_in_range(1, 1_000_000), default=3000, help="optimizer steps")
@@ -142,7 +143,7 @@ class RunRecord:
                            paths["loss_by_noise"])
         record = {
             "command": " ".join(["python", "ddpm_train.py", *sys.argv[1:]]),
-            "args": {k: v for k, v in vars(self.args).items()},
+            "args": dict(vars(self.args)),
             "seed": self.args.seed, "device": str(self.device),
             "torch_version": str(torch.__version__), "python_version": platform.python_version(),
             "wall_time_s": round(self.elapsed(), 2), "train_steps": trainer.step,
@@ -172,7 +173,8 @@ class RunRecord:
 
 def make_trainer(args, model, x0, device, snapshot):
     """A Trainer for a new run, or one that continues the run in ``snapshot``."""
-    trainer = Trainer(model, x0, NoiseSchedule(max_noise=args.max_noise), args.train_steps, args.lr, batch_size=args.batch_size,
+    trainer = Trainer(model, x0, NoiseSchedule(max_noise=args.max_noise), args.train_steps, args.lr,
+                      batch_size=args.batch_size,
                       generator=torch.Generator(device=device).manual_seed(args.seed))  # every t and eps
     if snapshot is not None:
         try:

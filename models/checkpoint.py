@@ -17,13 +17,12 @@ pickle, and an unrestricted pickle can run any code when loaded.
 """
 
 import hashlib
-import os
 
 import torch
 
 from .diffusion import NoiseSchedule
 from .errors import UserError
-from .files import atomic_write
+from .files import atomic_write, check_readable_file
 from .unet_model import UNet
 
 FORMAT = "ddpm-demo-unet"
@@ -98,12 +97,7 @@ def load_checkpoint(path, device="cpu"):
 
 def _read_checkpoint_dict(path):
     """torch.load(weights_only=True) with the file checks and format checks in plain words."""
-    if not os.path.exists(path):
-        raise UserError(f"checkpoint {path!r} does not exist (train one with ddpm_train.py, or check --model_path)")
-    if os.path.isdir(path):
-        raise UserError(f"checkpoint {path!r} is a folder, not a checkpoint file")
-    if os.path.getsize(path) == 0:
-        raise UserError(f"checkpoint {path!r} is empty (0 bytes)")
+    check_readable_file(path, "checkpoint", "train one with ddpm_train.py, or check --model_path")
     with open(path, "rb") as f:
         head = f.read(64)
     if head.startswith(b"version https://git-lfs"):

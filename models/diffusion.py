@@ -20,7 +20,6 @@ The network never sees w(t): it gets (x_t, t) and returns an image.
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 NUM_TIMESTEPS = 1000  # T
 DEFAULT_MAX_NOISE = 0.8
@@ -51,6 +50,13 @@ class NoiseSchedule:
     def w(self, t):
         """Noise weight w(t) = max_noise * t / T: a (B,) tensor of timesteps -> (B,) float32, an int -> float."""
         return self.max_noise * (t.float() if torch.is_tensor(t) else t) / self.num_timesteps
+
+    def timestep_for(self, w):
+        """The integer timestep at which w(t) is (nearest to) ``w``: t = w * T / max_noise.
+
+        For w above max_noise this is above T: a noise level the model never saw in training.
+        """
+        return round(w * self.num_timesteps / self.max_noise)
 
     def add_noise(self, x0, t, eps):
         """Forward process x_t = (1 - w) * x0 + w * eps, with one w per image of the batch.

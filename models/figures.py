@@ -91,15 +91,20 @@ def save_trajectory(trajectory, path):
     _save(fig, path)
 
 
-def save_trajectory_gif(trajectory, path, frame_ms=250):
-    """An animated GIF: one frame per step with x and x0_hat side by side; the last frame lingers."""
+def save_trajectory_gif(trajectory, path, frame_ms=250, most_frames=25):
+    """An animated GIF: x and x0_hat side by side, one frame per step; the last frame lingers.
+
+    Long runs show ``most_frames`` evenly spread steps, first and last included,
+    which keeps the file a few megabytes.
+    """
     frames = []
-    for index, (t, w, x, x0_hat) in enumerate(trajectory):
-        fig = _new_figure(6.4, 3.6)
+    for index in pick_steps(len(trajectory), most_frames):
+        t, w, x, x0_hat = trajectory[index]
+        fig = _new_figure(5.2, 3.0)
         left, right = fig.subplots(1, 2)
-        _show(left, x, f"x  (t={t}, w={w:.2f})", fontsize=11)
-        _show(right, x0_hat, "x0_hat (prediction)", fontsize=11)
-        fig.suptitle(f"step {index + 1}/{len(trajectory)}", fontsize=12)
+        _show(left, x, f"x  (t={t}, w={w:.2f})", fontsize=10)
+        _show(right, x0_hat, "x0_hat (prediction)", fontsize=10)
+        fig.suptitle(f"step {index + 1}/{len(trajectory)}", fontsize=11)
         fig.tight_layout()
         fig.canvas.draw()
         rgba = np.asarray(fig.canvas.buffer_rgba())
@@ -119,8 +124,8 @@ def save_sweep(columns, curves, max_noise, path):
     count = len(columns)
     width = FIGURE_WIDTH_PX / DPI
     cell = width / count
-    fig = _new_figure(width, 2 * cell + 4.2)
-    grid = fig.add_gridspec(3, count, height_ratios=[cell, cell, 3.6])
+    fig = _new_figure(width, 2 * cell + 4.6)
+    grid = fig.add_gridspec(3, count, height_ratios=[cell, cell, 4.0])
     for col, (title, noisy, output) in enumerate(columns):
         _show(fig.add_subplot(grid[0, col]), noisy, title, fontsize=8)
         _show(fig.add_subplot(grid[1, col]), output)
@@ -139,7 +144,7 @@ def save_sweep(columns, curves, max_noise, path):
     plot.set_xlabel("noise weight w  (x_t = (1 - w) x0 + w eps)")
     plot.set_ylabel("PSNR against ground truth (dB)")
     plot.grid(alpha=0.3)
-    plot.legend(loc="upper right")
+    plot.legend(loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=4, frameon=False)  # below the axes
     fig.tight_layout()
     _save(fig, path)
 
@@ -165,26 +170,28 @@ def save_loss_curve(losses, path, smoothing=50):
     _save(fig, path)
 
 
-def save_loss_by_noise(ws, losses, max_noise, path, bins=16):
+def save_loss_by_noise(ws, losses, max_noise, path, bins=16, parts=3):
     """Mean training loss in bins of the noise weight w: which noise levels are hard.
 
-    ws, losses: the noise weight and loss of one image per step. The second
-    half of training is drawn separately, to show what the model ends up with.
+    ws, losses: the noise weight and loss of one image per step. Training is
+    cut into ``parts`` equal spans of steps, one line each, so the plot shows
+    how the difficulty of each noise level changes as the model learns.
     """
     ws, losses = np.asarray(ws, dtype=np.float64), np.asarray(losses, dtype=np.float64)
     edges = np.linspace(0, max_noise, bins + 1)
     centres = (edges[:-1] + edges[1:]) / 2
     fig = _new_figure(10, 5)
     ax = fig.add_subplot()
-    half = len(ws) // 2
-    for label, part in [("all steps", slice(None)), ("second half of training", slice(half, None))]:
-        which = np.clip(np.digitize(ws[part], edges) - 1, 0, bins - 1)
-        means = [losses[part][which == b].mean() if np.any(which == b) else np.nan for b in range(bins)]
-        ax.plot(centres, means, marker="o", label=label)
+    bounds = np.linspace(0, len(ws), parts + 1).round().astype(int)
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        which = np.clip(np.digitize(ws[start:stop], edges) - 1, 0, bins - 1)
+        part = losses[start:stop]
+        means = [part[which == b].mean() if np.any(which == b) else np.nan for b in range(bins)]
+        ax.plot(centres, means, marker="o", label=f"steps {start + 1} to {stop}")
     ax.set_yscale("log")
     ax.set_xlabel("noise weight w of the training input")
     ax.set_ylabel("mean MSE loss in the bin (log scale)")
-    ax.set_title("Training loss by noise level: more noise, harder to undo")
+    ax.set_title("Training loss by noise level")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()

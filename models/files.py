@@ -60,3 +60,13 @@ def file_sha256(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_readable_file(path, what, fix):
+    """Raise UserError if ``path`` is missing (saying ``fix``), a folder, or empty."""
+    if not os.path.exists(path):
+        raise UserError(f"{what} {path!r} does not exist ({fix})")
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path!r} is a folder, not a file")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{what} {path!r} is empty (0 bytes)")

@@ -11,7 +11,6 @@ grayscale is scaled (not clipped), palette and CMYK images are converted.
 Then the largest centred square is cut out and resized with antialiasing.
 """
 
-import os
 import warnings
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from .errors import UserError
-from .files import atomic_write
+from .files import atomic_write, check_readable_file
 
 BACKGROUND = (255, 255, 255)  # what transparent pixels are composited on: white
 
@@ -54,12 +53,7 @@ def load_image(path, size, warn=None):
 
 def _read_rgb(path):
     """Decode an image file into an (H, W, 3) float32 array in [0, 1], or raise UserError."""
-    if not os.path.exists(path):
-        raise UserError(f"image {path!r} does not exist (check --image_path)")
-    if os.path.isdir(path):
-        raise UserError(f"image {path!r} is a folder, not an image file")
-    if os.path.getsize(path) == 0:
-        raise UserError(f"image {path!r} is empty (0 bytes)")
+    check_readable_file(path, "image", "check --image_path")
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 89 and 179 megapixels; treat that as the refusal it is

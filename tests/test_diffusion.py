@@ -31,6 +31,11 @@ def test_add_noise_uses_one_weight_per_image():
     assert torch.all(x_t == x_t[:, :1, :1, :1])
 
 
+def test_timestep_for_a_noise_weight():
+    assert [NoiseSchedule().timestep_for(w) for w in (0.0, 0.4, 0.8, 1.0)] == [0, 500, 1000, 1250]
+    assert NoiseSchedule(max_noise=1.0).timestep_for(0.37) == 370
+
+
 def test_timesteps_cover_zero_to_T_inclusive():
     schedule = NoiseSchedule(num_timesteps=3)
     t = schedule.sample_timesteps(2000, generator=torch.Generator().manual_seed(0))

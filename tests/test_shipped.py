@@ -1,5 +1,6 @@
 """Shipped-assets tier: the files in the repository are the ones the README promises."""
 
+import json
 import os
 import re
 
@@ -11,22 +12,34 @@ from conftest import REPO
 from models import denoise, load_checkpoint, load_image, psnr
 
 CHECKPOINT = os.path.join(REPO, "model_ckpt", "demo_unet.pth")
+FULL_NOISE = os.path.join(REPO, "model_ckpt", "demo_unet_full_noise.pth")
 DEMO = os.path.join(REPO, "images", "demo.png")
-RESULT = os.path.join(REPO, "images", "inference_result.png")
+FIGURES = ["images/inference_result.png", "images/noise_sweep.png", "images/denoise_trajectory.png",
+           "images/denoise_trajectory.gif", "images/inference_result_10_steps.png", "images/full_noise_result.png",
+           "images/full_noise_trajectory.png", "images/full_noise_trajectory.gif"]
+RUN_FILES = ["model_ckpt/demo_unet_loss.png", "model_ckpt/demo_unet_loss_by_noise.png", "model_ckpt/demo_unet.json",
+             "model_ckpt/demo_unet_full_noise_loss.png", "model_ckpt/demo_unet_full_noise_loss_by_noise.png",
+             "model_ckpt/demo_unet_full_noise.json"]
 MAX_SHIPPED_BYTES = 20 * 1024 * 1024
+DEFAULT_RUN = {"img_size": 256, "batch_size": 1, "train_steps": 3000, "lr": 1e-3, "image_path": "images/demo.png",
+               "seed": 0, "base_channels": 16, "channel_mults": [1, 2, 4, 8]}
 
 
-def readme_psnr(readme):
-    """The one-step PSNR figures the README quotes: (noisy input, output) in dB."""
-    text = open(os.path.join(REPO, readme), encoding="utf-8").read()
-    match = re.search(r"PSNR[^\n]*?([\d.]+) dB[^\n]*?([\d.]+) dB", text)
-    assert match, f"{readme} quotes no PSNR figures"
-    return float(match.group(1)), float(match.group(2))
+def readme(name):
+    return open(os.path.join(REPO, name), encoding="utf-8").read()
 
 
-@pytest.mark.parametrize("path", [CHECKPOINT, DEMO, RESULT])
+@pytest.mark.parametrize("path", ["model_ckpt/demo_unet.pth", "model_ckpt/demo_unet_full_noise.pth",
+                                  "images/demo.png", *FIGURES, *RUN_FILES])
 def test_shipped_files_exist_and_are_small(path):
-    assert os.path.getsize(path) < MAX_SHIPPED_BYTES
+    assert os.path.getsize(os.path.join(REPO, path)) < MAX_SHIPPED_BYTES
+
+
+@pytest.mark.parametrize("path", FIGURES + [p for p in RUN_FILES if p.endswith(".png")])
+def test_figures_are_images_the_readme_shows(path):
+    image = Image.open(os.path.join(REPO, path))
+    assert image.format in ("PNG", "GIF")
+    assert path in readme("README.md") and path in readme("README.en.md")
 
 
 def test_demo_image_is_256_px_rgb():
@@ -34,40 +47,71 @@ def test_demo_image_is_256_px_rgb():
     assert image.size == (256, 256) and image.mode == "RGB"
 
 
-def test_shipped_checkpoint_was_made_by_the_default_command():
-    _, schedule, checkpoint = load_checkpoint(CHECKPOINT)
+@pytest.mark.parametrize("path, max_noise", [(CHECKPOINT, 0.8), (FULL_NOISE, 1.0)])
+def test_shipped_checkpoints_were_made_by_the_documented_commands(path, max_noise):
+    _, schedule, checkpoint = load_checkpoint(path)
     args = checkpoint["train"]["args"]
-    assert {k: args[k] for k in ("img_size", "batch_size", "train_steps", "lr", "image_path", "seed",
-                                 "base_channels", "channel_mults")} == {
-        "img_size": 256, "batch_size": 1, "train_steps": 3000, "lr": 1e-3, "image_path": "images/demo.png",
-        "seed": 0, "base_channels": 16, "channel_mults": [1, 2, 4, 8]}
-    assert checkpoint["train"]["step"] == 3000 and schedule.max_noise == 0.8
+    assert {k: args[k] for k in DEFAULT_RUN} == DEFAULT_RUN
+    assert args["max_noise"] == max_noise and schedule.max_noise == max_noise
+    assert checkpoint["train"]["step"] == 3000 and "resume" not in checkpoint
+    record = json.load(open(path[: -len(".pth")] + ".json"))
+    assert record["image_sha256"] == checkpoint["data"]["image_sha256"]
+    assert record["args"]["max_noise"] == max_noise and record["train_steps"] == 3000
 
 
 @pytest.fixture(scope="module")
-def shipped_psnr():
-    """PSNR of noisy input and one-step output at t = 500, seed 0: what ddpm_infer.py reports."""
+def shipped():
     model, schedule, checkpoint = load_checkpoint(CHECKPOINT)
     x0 = load_image(DEMO, checkpoint["data"]["img_size"])
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor([500])
-    x_t = schedule.add_noise(x0, t, eps)
-    return psnr(x_t.clamp(-1, 1), x0), psnr(denoise(model, x_t, 500, schedule), x0)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))  # what ddpm_infer.py draws
+    return model, schedule, x0, eps
 
 
-def test_shipped_model_denoises_to_at_least_35_db(shipped_psnr):
-    noisy, output = shipped_psnr
+def noisy_and_denoised(model, schedule, x0, eps, t, steps):
+    x_t = schedule.add_noise(x0, torch.tensor([t]), eps)
+    return psnr(x_t.clamp(-1, 1), x0), psnr(denoise(model, x_t, t, schedule, steps), x0)
+
+
+def test_shipped_model_denoises_to_at_least_35_db(shipped):
+    noisy, output = noisy_and_denoised(*shipped, t=500, steps=1)
     assert noisy < 14 and output >= 35.0
 
 
-@pytest.mark.parametrize("readme", ["README.md", "README.en.md"])
-def test_readme_quotes_the_measured_psnr(shipped_psnr, readme):
-    noisy, output = shipped_psnr
-    quoted_noisy, quoted_output = readme_psnr(readme)
-    assert quoted_noisy == pytest.approx(noisy, abs=0.01)
-    assert quoted_output == pytest.approx(output, abs=0.01)
+@pytest.mark.parametrize("name", ["README.md", "README.en.md"])
+def test_readme_quotes_the_measured_psnr(shipped, name):
+    noisy, output = noisy_and_denoised(*shipped, t=500, steps=1)
+    match = re.search(r"PSNR noisy input:\s+([\d.]+) dB.*\nPSNR inference output:\s+([\d.]+) dB", readme(name))
+    assert float(match.group(1)) == pytest.approx(noisy, abs=0.01)
+    assert float(match.group(2)) == pytest.approx(output, abs=0.01)
+    headline = re.search(r"PSNR[^\n]*?([\d.]+) dB[^\n]*?([\d.]+) dB", readme(name))
+    assert (float(headline.group(1)), float(headline.group(2))) == (float(match.group(1)), float(match.group(2)))
+
+
+@pytest.mark.parametrize("w", [0.4, 0.8, 0.9, 1.0])
+def test_readme_sweep_table_matches_the_shipped_model(shipped, w):
+    model, schedule, x0, eps = shipped
+    t = schedule.timestep_for(w)
+    noisy, one = noisy_and_denoised(model, schedule, x0, eps, t, steps=1)
+    _, ten = noisy_and_denoised(model, schedule, x0, eps, t, steps=10)
+    for name in ("README.md", "README.en.md"):
+        row = re.search(rf"^\s*{w:.2f}\s+{t}\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", readme(name), re.M)
+        assert row, f"{name} has no sweep row for w={w}"
+        assert [float(v) for v in row.groups()] == pytest.approx([noisy, one, ten], abs=0.01)
+
+
+def test_full_noise_model_generates_from_pure_noise_as_quoted():
+    model, schedule, checkpoint = load_checkpoint(FULL_NOISE)
+    x0 = load_image(DEMO, checkpoint["data"]["img_size"])
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    x_t = schedule.add_noise(x0, torch.tensor([1000]), eps)
+    assert torch.equal(x_t, eps)  # w = 1 at t = T: nothing of the picture is left
+    output = psnr(denoise(model, x_t, 1000, schedule, steps=50), x0)
+    for name in ("README.md", "README.en.md"):
+        quoted = re.search(r"(?:pure noise in 50 steps|纯噪声出发走 50 步)[^\n]*?([\d.]+) dB", readme(name))
+        assert quoted, f"{name} quotes no PSNR from pure noise"
+        assert float(quoted.group(1)) == pytest.approx(output, abs=0.01)
 
 
 def test_result_figure_is_a_three_panel_png_about_1500_px_wide():
-    image = Image.open(RESULT)
+    image = Image.open(os.path.join(REPO, "images", "inference_result.png"))
     assert image.format == "PNG" and 1400 <= image.width <= 1600 and image.height < image.width / 2

@@ -7,13 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import INFER, TINY_NET, TRAIN, run_in_process
-from test_cli import one_error_line
-
-
-def infer(tmp_path, tiny_image, checkpoint, *args, monkeypatch, capsys):
-    return run_in_process(INFER, "--image_path", tiny_image, "--model_path", checkpoint,
-                          "--result_path", tmp_path / "result.png", *args, monkeypatch=monkeypatch, capsys=capsys)
+from conftest import TINY_NET, TRAIN, run_in_process
+from test_cli import infer, one_error_line
 
 
 def test_multi_step_writes_the_trajectory_and_gif(tmp_path, tiny_image, tiny_checkpoint, monkeypatch, capsys):
@@ -107,3 +102,11 @@ def test_max_noise_is_stored_and_inference_uses_it(tmp_path, tiny_image, monkeyp
     assert status == 0, err
     assert "t=1000  w=1.00  steps=4" in out
     assert re.search(r"PSNR noisy input:\s+[\d.]+ dB", out)
+
+
+def test_long_trajectories_are_thinned_evenly():
+    from models.figures import pick_steps
+
+    assert pick_steps(5, 10) == [0, 1, 2, 3, 4]
+    assert pick_steps(50, 10) == [0, 5, 11, 16, 22, 27, 33, 38, 44, 49]
+    assert len(pick_steps(1000, 25)) == 25 and pick_steps(1000, 25)[-1] == 999

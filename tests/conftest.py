@@ -29,6 +29,13 @@ def smooth_test_image(height=24, width=20, seed=0):
     return (rgb * 255).round().astype(np.uint8)
 
 
+@pytest.fixture(autouse=True)
+def work_in_a_temporary_folder(tmp_path, monkeypatch):
+    """Every test runs in its own empty folder, so a default output path (images/..., model_ckpt/...)
+    can never overwrite the repository's shipped files."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def tiny_image(tmp_path):
     """Path of a 20x24 px RGB PNG."""

@@ -42,8 +42,10 @@ def test_more_steps_than_timesteps_is_one_error_line(tmp_path, tiny_image, tiny_
 def test_sweep_prints_the_table_and_draws_the_figure(tmp_path, tiny_image, tiny_checkpoint, monkeypatch, capsys):
     sweep = tmp_path / "sweep.png"
     status, out, err = infer(tmp_path, tiny_image, tiny_checkpoint, "--sweep", "--sweep_path", sweep,
-                             "--steps", 2, monkeypatch=monkeypatch, capsys=capsys)
+                             "--steps", 2, "--trajectory_path", tmp_path / "tr.png", monkeypatch=monkeypatch,
+                             capsys=capsys)
     assert status == 0, err
+    assert (tmp_path / "tr.png").exists()
     assert "noise sweep (max_noise = 0.8; t above 1000 was never trained on)" in out
     rows = re.findall(r"^\s*([\d.]+)\s+(\d+)\s+(inf|[\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(-?[\d.]+)", out, re.M)
     assert [(float(w), int(t)) for w, t, *_ in rows] == [

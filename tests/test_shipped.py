@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from models import denoise, load_checkpoint, load_image, psnr
+from models import denoise, load_checkpoint, load_image, psnr, ssim
 
 CHECKPOINT = os.path.join(REPO, "model_ckpt", "demo_unet.pth")
 FULL_NOISE = os.path.join(REPO, "model_ckpt", "demo_unet_full_noise.pth")
@@ -47,11 +47,11 @@ def test_demo_image_is_256_px_rgb():
     assert image.size == (256, 256) and image.mode == "RGB"
 
 
-@pytest.mark.parametrize("path, max_noise", [(CHECKPOINT, 0.8), (FULL_NOISE, 1.0)])
-def test_shipped_checkpoints_were_made_by_the_documented_commands(path, max_noise):
+@pytest.mark.parametrize("path, max_noise, batch_size", [(CHECKPOINT, 0.8, 1), (FULL_NOISE, 1.0, 4)])
+def test_shipped_checkpoints_were_made_by_the_documented_commands(path, max_noise, batch_size):
     _, schedule, checkpoint = load_checkpoint(path)
     args = checkpoint["train"]["args"]
-    assert {k: args[k] for k in DEFAULT_RUN} == DEFAULT_RUN
+    assert {k: args[k] for k in DEFAULT_RUN} == {**DEFAULT_RUN, "batch_size": batch_size}
     assert args["max_noise"] == max_noise and schedule.max_noise == max_noise
     assert checkpoint["train"]["step"] == 3000 and "resume" not in checkpoint
     record = json.load(open(path[: -len(".pth")] + ".json"))
@@ -99,13 +99,15 @@ def test_readme_sweep_table_matches_the_shipped_model(shipped, w):
         assert [float(v) for v in row.groups()] == pytest.approx([noisy, one, ten], abs=0.01)
 
 
-def test_full_noise_model_generates_from_pure_noise_as_quoted():
+def test_full_noise_model_regenerates_the_picture_from_pure_noise_as_quoted():
     model, schedule, checkpoint = load_checkpoint(FULL_NOISE)
     x0 = load_image(DEMO, checkpoint["data"]["img_size"])
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     x_t = schedule.add_noise(x0, torch.tensor([1000]), eps)
     assert torch.equal(x_t, eps)  # w = 1 at t = T: nothing of the picture is left
-    output = psnr(denoise(model, x_t, 1000, schedule, steps=50), x0)
+    output_image = denoise(model, x_t, 1000, schedule, steps=50)
+    output = psnr(output_image, x0)
+    assert ssim(output_image, x0) > 0.8  # the memorised picture, not merely its layout
     for name in ("README.md", "README.en.md"):
         quoted = re.search(r"(?:pure noise in 50 steps|纯噪声出发走 50 步)[^\n]*?([\d.]+) dB", readme(name))
         assert quoted, f"{name} quotes no PSNR from pure noise"

@@ -112,3 +112,18 @@ def test_long_trajectories_are_thinned_evenly():
     assert pick_steps(5, 10) == [0, 1, 2, 3, 4]
     assert pick_steps(50, 10) == [0, 5, 11, 16, 22, 27, 33, 38, 44, 49]
     assert len(pick_steps(1000, 25)) == 25 and pick_steps(1000, 25)[-1] == 999
+
+
+@pytest.mark.parametrize("flag", ["--gif", "--trajectory_path", "--sweep_path", "--output_path"])
+def test_every_output_flag_refuses_a_folder_before_any_work(tmp_path, tiny_image, tiny_checkpoint, monkeypatch,
+                                                            capsys, flag):
+    result = infer(tmp_path, tiny_image, tiny_checkpoint, "--steps", 2, "--sweep", flag, tmp_path,
+                   monkeypatch=monkeypatch, capsys=capsys)
+    assert f"{flag} {str(tmp_path)!r} is a folder" in one_error_line(*result)
+    assert not (tmp_path / "result.png").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "1001", "two"])
+def test_steps_outside_its_range_is_one_error_line(tmp_path, tiny_image, tiny_checkpoint, monkeypatch, capsys, value):
+    result = infer(tmp_path, tiny_image, tiny_checkpoint, "--steps", value, monkeypatch=monkeypatch, capsys=capsys)
+    assert "--steps" in one_error_line(*result)

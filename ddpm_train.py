@@ -54,7 +54,7 @@ def build_parser():
     parser.add_argument("--seed", type=int_in_range(0, MAX_SEED), default=0, help="seed for the weights, t and noise")
     parser.add_argument("--base_channels", type=int_in_range(8, 1024), default=16,
                         help="U-Net width at full resolution (a multiple of 8)")
-    parser.add_argument("--channel_mults", type=channel_multipliers, default=[1, 2, 4, 8],
+    parser.add_argument("--channel_mults", type=channel_multipliers, default="1,2,4,8",
                         help="width of each U-Net level as a multiple of base_channels; one level per entry")
     parser.add_argument("--max_noise", type=fraction, default=DEFAULT_MAX_NOISE,
                         help="noise weight at t = T: w(t) = max_noise * t / T. Below 1 the model is a denoiser; "

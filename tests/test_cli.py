@@ -43,7 +43,7 @@ def test_help_lists_every_flag_with_its_default(monkeypatch, capsys):
     for flag, default in [("--img_size", "256"), ("--batch_size", "1"), ("--train_steps", "3000"),
                           ("--lr", "0.001"), ("--image_path", "images/demo.png"),
                           ("--model_save_path", "model_ckpt/demo_unet.pth"), ("--seed", "0"),
-                          ("--device", "auto"), ("--base_channels", "16"), ("--channel_mults", "[1, 2, 4, 8]")]:
+                          ("--device", "auto"), ("--base_channels", "16"), ("--channel_mults", "1,2,4,8")]:
         assert re.search(re.escape(flag) + r".*?\(default: " + re.escape(default) + r"\)", out, re.S), flag
     status, out, _ = run_in_process(INFER, "--help", monkeypatch=monkeypatch, capsys=capsys)
     out = " ".join(out.split())

@@ -9,12 +9,11 @@ Everything about the network comes from the checkpoint. The figure has three
 panels: Ground Truth / Noisy Input / Inference Output, with PSNR and SSIM.
 """
 
-import sys
 
 import torch
 
 from models.checkpoint import load_checkpoint
-from models.cli import MAX_SEED, ArgumentParser, add_device_argument, int_in_range, pick_device, run
+from models.cli import MAX_SEED, ArgumentParser, add_device_argument, int_in_range, pick_device, run, warn
 from models.diffusion import NUM_TIMESTEPS, denoise, timestep_grid
 from models.errors import UserError
 from models.figures import save_sweep, save_trajectory, save_trajectory_gif, save_triptych
@@ -60,7 +59,7 @@ def main():
     steps = args.steps or 1
     check_steps(args.t, steps)
     check_outputs(args, steps)
-    x0 = load_image(args.image_path, img_size, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    x0 = load_image(args.image_path, img_size, warn=warn)
     eps = noise_like(x0, args.seed)
 
     x_t = schedule.add_noise(x0, torch.tensor([args.t]), eps)  # (1, 3, H, W)

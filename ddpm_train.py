@@ -25,7 +25,7 @@ import torch
 
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.cli import (MAX_SEED, ArgumentParser, add_device_argument, channel_multipliers, fraction,
-                        int_in_range, pick_device, positive_float, run, stop_on_sigint)
+                        int_in_range, pick_device, positive_float, run, stop_on_sigint, warn)
 from models.diffusion import DEFAULT_MAX_NOISE, NoiseSchedule
 from models.errors import UserError
 from models.figures import save_loss_by_noise, save_loss_curve
@@ -147,7 +147,7 @@ class RunRecord:
             "seed": self.args.seed, "device": str(self.device),
             "torch_version": str(torch.__version__), "python_version": platform.python_version(),
             "wall_time_s": round(self.elapsed(), 2), "train_steps": trainer.step,
-            "final_loss": sum(losses[-100:]) / len(losses[-100:]),
+            "final_loss": trainer.final_loss(),
             "image_path": self.args.image_path, "image_sha256": self.image_sha256,
             "checkpoint": self.args.model_save_path,
         }
@@ -207,7 +207,7 @@ def main():
     snapshot_path = paths["snapshot"]
     for name, path in {"--model_save_path": args.model_save_path, **paths}.items():
         check_writable(path, name, inputs=[args.image_path])
-    x0 = load_image(args.image_path, args.img_size, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+    x0 = load_image(args.image_path, args.img_size, warn=warn)
     record = RunRecord(args, device, file_sha256(args.image_path),
                        earlier_time=snapshot["train"]["wall_time_s"] if snapshot else 0.0)
 
@@ -227,9 +227,8 @@ def main():
     if os.path.exists(snapshot_path):
         os.remove(snapshot_path)  # the run is finished: nothing is left to resume
     record.write_reports(trainer, paths)
-    losses = trainer.loss_history()[-100:]
     print(f"trained {args.train_steps} steps in {record.elapsed():.1f} s on {device}; "
-          f"final loss {sum(losses) / len(losses):.6f} (mean of the last {len(losses)} steps)")
+          f"final loss {trainer.final_loss():.6f} (mean of the last {min(trainer.step, 100)} steps)")
     print(f"saved {os.path.abspath(args.model_save_path)}, with its loss plots and run record "
           f"({os.path.basename(paths['loss_curve'])}, {os.path.basename(paths['loss_by_noise'])}, "
           f"{os.path.basename(paths['record'])})")

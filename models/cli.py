@@ -87,6 +87,11 @@ def _parse(kind, text, description):
         raise argparse.ArgumentTypeError(f"must be {description}, got {text!r}") from None
 
 
+def warn(message):
+    """A warning for the user: one line on stderr; the run goes on."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def add_device_argument(parser):
     parser.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],

@@ -121,6 +121,11 @@ class Trainer:
         """The mean loss of every step so far."""
         return self.losses[: self.step].tolist()
 
+    def final_loss(self, last=100):
+        """The mean loss of the last ``last`` steps: what a run reports as its result."""
+        recent = self.losses[max(self.step - last, 0) : self.step]
+        return recent.double().mean().item()
+
     def noise_history(self):
         """(t, loss) of the first image of every step so far: how hard each noise level is."""
         return {"t": self.image_t[: self.step].tolist(), "loss": self.image_losses[: self.step].tolist()}

@@ -130,18 +130,15 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(GROUPS, ch)
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
 
-    @property
-    def size_multiple(self):
-        """Height and width must divide by this: one halving per Down."""
-        return 2 ** len(self.downs)
-
     def forward(self, x_t, t):
         """x_t: (B, C, H, W) noisy image, t: (B,) timesteps -> x0_hat: (B, C, H, W)."""
         B, C, H, W = x_t.shape
-        if H % self.size_multiple or W % self.size_multiple or min(H, W) < 2 * self.size_multiple:
+        levels = len(self.encoder)
+        if not (side_fits(H, levels) and side_fits(W, levels)):
+            multiple = side_multiple(levels)
             raise ValueError(
-                f"image size {H}x{W} does not fit this {len(self.encoder)}-level U-Net: both sides must "
-                f"be multiples of {self.size_multiple} and at least {2 * self.size_multiple}"
+                f"image size {H}x{W} does not fit this {levels}-level U-Net: both sides must "
+                f"be multiples of {multiple} and at least {2 * multiple}"
             )
         temb = self.time_mlp(timestep_embedding(t, self.config["base_channels"]))  # (B, temb_dim)
 
@@ -179,16 +176,23 @@ def check_config(in_channels, base_channels, channel_mults):
         )
 
 
-def check_image_size(img_size, channel_mults):
-    """Raise ValueError naming the sizes that work if a square image of this side cannot pass.
+def side_multiple(levels):
+    """An image side must divide by this: each of the levels - 1 Downs halves it."""
+    return 2 ** (levels - 1)
 
-    Each of the len(channel_mults) - 1 Downs halves the side, so it must divide
-    by 2 ** (levels - 1); and the smallest feature map must keep at least 2x2
-    pixels, or GroupNorm has a single value to normalise.
-    """
-    multiple = 2 ** (len(channel_mults) - 1)
+
+def side_fits(side, levels):
+    """The shape contract: a multiple of side_multiple, and at least 2x2 pixels left at the bottom
+    level (with 1x1, GroupNorm would have a single value to normalise)."""
+    multiple = side_multiple(levels)
+    return side % multiple == 0 and side >= 2 * multiple
+
+
+def check_image_size(img_size, channel_mults):
+    """Raise ValueError naming the nearest sizes that work if a square image of this side cannot pass."""
+    multiple = side_multiple(len(channel_mults))
     smallest = 2 * multiple
-    if img_size < smallest or img_size % multiple:
+    if not side_fits(img_size, len(channel_mults)):
         below, above = (img_size // multiple) * multiple, max((img_size // multiple + 1) * multiple, smallest)
         nearest = f"{below} or {above}" if below >= smallest else str(above)
         raise ValueError(

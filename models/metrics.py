@@ -23,11 +23,16 @@ def psnr(image, reference):
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def gaussian_window(size=SSIM_WINDOW, sigma=SSIM_SIGMA):
-    """(size, size) Gaussian weights summing to 1."""
+def gaussian_window_1d(size=SSIM_WINDOW, sigma=SSIM_SIGMA):
+    """(size,) Gaussian weights summing to 1."""
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
+    return g / g.sum()
+
+
+def gaussian_window(size=SSIM_WINDOW, sigma=SSIM_SIGMA):
+    """(size, size) Gaussian weights summing to 1: the outer product of gaussian_window_1d with itself."""
+    g = gaussian_window_1d(size, sigma)
     return g[:, None] * g[None, :]
 
 
@@ -45,15 +50,16 @@ def ssim(image, reference):
     """
     x = ((image.double() + 1) / 2).reshape(-1, 1, *image.shape[-2:])  # (C, 1, H, W) in [0, 1]
     y = ((reference.double() + 1) / 2).reshape(-1, 1, *reference.shape[-2:])
-    window = gaussian_window().to(x.device)[None, None]  # (1, 1, 11, 11)
-
-    def local_mean(z):
-        return F.conv2d(z, window)  # (C, 1, H - 10, W - 10): the window only where it fits
-
-    mu_x, mu_y = local_mean(x), local_mean(y)
-    var_x = local_mean(x * x) - mu_x**2
-    var_y = local_mean(y * y) - mu_y**2
-    cov_xy = local_mean(x * y) - mu_x * mu_y
+    channels = x.shape[0]
+    # The five local means in one go: stacked along the batch, (5C, 1, H, W) -> (5C, 1, H - 10, W - 10).
+    # The 2-D Gaussian is the outer product of a 1-D one, so it is applied as a column pass and a row
+    # pass (11 + 11 multiplications per pixel instead of 121); the result is the same.
+    g = gaussian_window_1d().to(x.device)
+    means = F.conv2d(F.conv2d(torch.cat([x, y, x * x, y * y, x * y]), g.view(1, 1, -1, 1)), g.view(1, 1, 1, -1))
+    mu_x, mu_y, mean_xx, mean_yy, mean_xy = means.split(channels)
+    var_x = mean_xx - mu_x**2
+    var_y = mean_yy - mu_y**2
+    cov_xy = mean_xy - mu_x * mu_y
     c1, c2 = SSIM_K1**2, SSIM_K2**2
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return ssim_map.mean(dim=(1, 2, 3)).mean().item()  # per channel, then over channels

@@ -81,3 +81,20 @@ def test_ssim_is_symmetric_and_averages_channels():
     assert ssim(x, y) == pytest.approx(ssim(y, x))
     assert ssim(x, y) == pytest.approx(sum(per_channel) / 3)
     assert per_channel[1] == pytest.approx(1.0) and per_channel[0] < 0.5
+
+
+def test_ssim_equals_the_direct_two_dimensional_window_form():
+    """ssim() filters with two 1-D passes; the definition slides the 11 x 11 window. Same numbers."""
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.rand(3, 40, 33, generator=gen) * 2 - 1, torch.rand(3, 40, 33, generator=gen) * 2 - 1
+    a, b = ((x.double() + 1) / 2)[:, None], ((y.double() + 1) / 2)[:, None]
+    window = gaussian_window()[None, None]
+
+    def mean(z):
+        return torch.nn.functional.conv2d(z, window)
+
+    mu_a, mu_b = mean(a), mean(b)
+    var_a, var_b, cov = mean(a * a) - mu_a ** 2, mean(b * b) - mu_b ** 2, mean(a * b) - mu_a * mu_b
+    c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2
+    direct = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    assert ssim(x, y) == pytest.approx(direct.mean().item(), abs=1e-12)

@@ -76,7 +76,8 @@ def load_checkpoint(path, device="cpu"):
     """
     checkpoint = _read_checkpoint_dict(path)
     try:
-        model = UNet(**checkpoint["model_config"])
+        with torch.device("meta"):  # shapes only: the weights come from the file, so skip random init
+            model = UNet(**checkpoint["model_config"])
         schedule = NoiseSchedule(**checkpoint["noise_config"])
     except (TypeError, ValueError) as exc:
         raise UserError(f"checkpoint {path!r} describes a network this code cannot build ({exc})") from None
@@ -86,7 +87,7 @@ def load_checkpoint(path, device="cpu"):
             "(copy or download it again)"
         )
     try:
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(checkpoint["model"], assign=True)  # take the file's tensors as the parameters
     except RuntimeError as exc:
         first_line = str(exc).strip().splitlines()[-1].strip()
         raise UserError(

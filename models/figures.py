@@ -31,9 +31,16 @@ def _new_figure(width_in, height_in):
     return fig
 
 
+PNG_COMPRESS_LEVEL = 3  # zlib level: half the time of PIL's default 6, files a few per cent larger
+
+
 def _save(fig, path):
+    """Render and write an opaque RGB PNG (matplotlib's own savefig writes RGBA: a third more to encode)."""
+    canvas = fig.canvas
+    canvas.draw()
+    rgb = np.asarray(canvas.buffer_rgba())[..., :3]  # (H, W, 3) uint8; the figure has no transparency
     with atomic_write(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI)
+        Image.fromarray(rgb).save(tmp, format="png", compress_level=PNG_COMPRESS_LEVEL)
 
 
 def _show(ax, image, title=None, fontsize=12):

@@ -5,7 +5,10 @@ exit status 2, before anything is written.
 """
 
 import argparse
+import ctypes
+import gc
 import math
+import platform
 import signal
 import sys
 from contextlib import contextmanager
@@ -132,11 +135,37 @@ def stop_on_sigint(trainer):
         signal.signal(signal.SIGINT, previous)
 
 
+def keep_freed_memory():
+    """Let glibc's malloc keep freed blocks of up to 32 MiB for reuse instead of handing them back.
+
+    A training step frees and re-allocates the same activations (up to 12 MiB each at 256 px)
+    every time. Above malloc's default threshold each such block is a fresh mmap that the kernel
+    must fault in and zero page by page; kept in the heap, it is reused as is. Measured on a
+    256 px training step: a third of the page faults, about 10% less time. Does nothing
+    where the C library is not glibc (macOS, Windows, musl).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)  # glibc's largest allowed threshold
+        libc.mallopt(M_TRIM_THRESHOLD, 1 * 2**30)  # and do not trim the heap back down after each step
+    except (OSError, AttributeError):
+        pass
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
+
+
 def run(main):
     """Call main(); turn a UserError into 'error: ...' on stderr and exit status 2.
 
     A Ctrl-C that main() does not handle itself ends quietly with status 130.
     """
+    # The ~10^5 objects that importing torch and matplotlib created live until exit; freezing them
+    # keeps Python's cycle collector from rescanning them again and again (~0.1 s of a 2 s inference).
+    gc.freeze()
+    keep_freed_memory()
     try:
         main()
     except UserError as exc:

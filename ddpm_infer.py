@@ -14,7 +14,7 @@ import torch
 
 from models.checkpoint import load_checkpoint
 from models.cli import MAX_SEED, ArgumentParser, add_device_argument, int_in_range, pick_device, run, warn
-from models.diffusion import NUM_TIMESTEPS, denoise, timestep_grid
+from models.diffusion import NUM_TIMESTEPS, denoise, seeded_noise, timestep_grid
 from models.errors import UserError
 from models.figures import save_sweep, save_trajectory, save_trajectory_gif, save_triptych
 from models.files import check_writable
@@ -60,7 +60,7 @@ def main():
     check_steps(args.t, steps)
     check_outputs(args, steps)
     x0 = load_image(args.image_path, img_size, warn=warn)
-    eps = noise_like(x0, args.seed)
+    eps = seeded_noise(x0, args.seed)
 
     x_t = schedule.add_noise(x0, torch.tensor([args.t]), eps)  # (1, 3, H, W)
     trajectory = []
@@ -74,11 +74,6 @@ def main():
         print(f"saved {args.gif}")
     if args.sweep:
         sweep(model, schedule, x0, eps, device, args.steps or SWEEP_STEPS, args.sweep_path)
-
-
-def noise_like(x0, seed):
-    """eps ~ N(0, I), drawn on the CPU so that every device sees the same noisy input."""
-    return torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
 
 
 def resolve_img_size(requested, trained):

@@ -15,6 +15,7 @@ end, and the snapshot is then deleted.
 """
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -26,11 +27,12 @@ import torch
 from models.checkpoint import load_checkpoint, save_checkpoint
 from models.cli import (MAX_SEED, ArgumentParser, add_device_argument, channel_multipliers, fraction,
                         int_in_range, pick_device, positive_float, run, stop_on_sigint, warn)
-from models.diffusion import DEFAULT_MAX_NOISE, NoiseSchedule
+from models.diffusion import DEFAULT_MAX_NOISE, NoiseSchedule, denoise, seeded_noise
 from models.errors import UserError
 from models.figures import save_loss_by_noise, save_loss_curve
 from models.files import atomic_write, check_writable, file_sha256
 from models.imaging import load_image
+from models.metrics import psnr
 from models.training import NonFiniteLoss, Trainer
 from models.unet_model import UNet, check_image_size
 
@@ -38,6 +40,8 @@ from models.unet_model import UNet, check_image_size
 RUN_SETTINGS = ("img_size", "batch_size", "train_steps", "lr", "image_path", "seed", "base_channels",
                 "channel_mults", "max_noise")
 EXIT_INTERRUPTED = 130  # the shell's code for "stopped by Ctrl-C"
+EVAL_T, EVAL_NOISE_SEED = 500, 0  # the quality check denoises what `python ddpm_infer.py` does by default
+PSNR_MILESTONES = (30.0, 35.0, 38.0)  # dB; the summary says when the run first reached each
 
 
 def build_parser():
@@ -62,6 +66,9 @@ def build_parser():
     add_device_argument(parser)
     parser.add_argument("--save_every", type=int_in_range(0, 1_000_000), default=500,
                         help="steps between resumable snapshots (0: only on Ctrl-C)")
+    parser.add_argument("--eval_every", type=int_in_range(0, 1_000_000), default=100,
+                        help=f"steps between quality checks: PSNR of the one-step output at t={EVAL_T}, "
+                             "as ddpm_infer.py shows it, logged with the time so far (0: never)")
     parser.add_argument("--resume", default=None, metavar="PATH",
                         help="continue the run saved in this snapshot exactly (default: start a new run)")
     return parser
@@ -127,10 +134,33 @@ def open_snapshot(args, typed, device):
 class RunRecord:
     """What every checkpoint of this run says about it, and the one place that writes them."""
 
-    def __init__(self, args, device, image_sha256, earlier_time=0.0):
+    def __init__(self, args, device, image_sha256, earlier=None):
         self.args, self.device, self.image_sha256 = args, device, image_sha256
-        self.earlier_time = earlier_time  # seconds spent before a resume
+        earlier = earlier or {}  # the "train" part of the snapshot being resumed
+        self.earlier_time = earlier.get("wall_time_s", 0.0)  # seconds spent before a resume
+        self.quality = copy.deepcopy(earlier.get("quality", {"t": EVAL_T, "step": [], "seconds": [], "psnr_db": []}))
         self.start = time.perf_counter()
+        self.eval_input = None
+
+    def evaluate(self, trainer, x0):
+        """Log the PSNR of one-step denoising at t = EVAL_T against the time so far; returns it for display."""
+        if self.eval_input is None:  # x_t of ddpm_infer.py's default noise, made once
+            eps = seeded_noise(x0, EVAL_NOISE_SEED).to(x0.device)
+            self.eval_input = trainer.schedule.add_noise(x0, torch.tensor([EVAL_T], device=x0.device), eps)
+        value = psnr(denoise(trainer.model, self.eval_input, EVAL_T, trainer.schedule), x0)
+        for key, item in (("step", trainer.step), ("seconds", round(self.elapsed(), 2)), ("psnr_db", value)):
+            self.quality[key].append(item)
+        return {"psnr": f"{value:.2f}dB"}
+
+    def milestones(self):
+        """For each PSNR_MILESTONES value, (dB, step, seconds) of the first check that reached it."""
+        q = self.quality
+        reached = []
+        for target in PSNR_MILESTONES:
+            first = next((i for i, value in enumerate(q["psnr_db"]) if value >= target), None)
+            if first is not None:
+                reached.append((target, q["step"][first], q["seconds"][first]))
+        return reached
 
     def elapsed(self):
         return self.earlier_time + time.perf_counter() - self.start
@@ -148,6 +178,8 @@ class RunRecord:
             "torch_version": str(torch.__version__), "python_version": platform.python_version(),
             "wall_time_s": round(self.elapsed(), 2), "train_steps": trainer.step,
             "final_loss": trainer.final_loss(),
+            "quality": self.quality,
+            "psnr_milestones": [{"psnr_db": db, "step": step, "seconds": sec} for db, step, sec in self.milestones()],
             "image_path": self.args.image_path, "image_sha256": self.image_sha256,
             "checkpoint": self.args.model_save_path,
         }
@@ -163,7 +195,7 @@ class RunRecord:
             train_info={
                 "args": {k: v for k, v in vars(args).items() if k != "resume"}, "step": trainer.step,
                 "loss_history": trainer.loss_history(), "noise_history": trainer.noise_history(),
-                "wall_time_s": self.elapsed(),
+                "wall_time_s": self.elapsed(), "quality": self.quality,
                 "device": str(self.device), "torch_version": str(torch.__version__),
                 "python_version": platform.python_version(),
             },
@@ -186,14 +218,15 @@ def make_trainer(args, model, x0, device, snapshot):
     return trainer
 
 
-def train_until_done_or_stopped(trainer, args, record, snapshot_path):
+def train_until_done_or_stopped(trainer, args, record, snapshot_path, x0):
     """Run the trainer with periodic snapshots; True if it finished, False if Ctrl-C stopped it."""
     try:
         with stop_on_sigint(trainer):
             print(f"training {args.train_steps - trainer.step} steps on {record.device}; "
                   f"Ctrl-C saves a snapshot to {snapshot_path}", flush=True)
             return trainer.run(save_every=args.save_every,
-                               on_save=lambda t: record.save(snapshot_path, t, resumable=True))
+                               on_save=lambda t: record.save(snapshot_path, t, resumable=True),
+                               eval_every=args.eval_every, on_eval=lambda t: record.evaluate(t, x0))
     except NonFiniteLoss as exc:
         raise UserError(f"{exc}: training diverged (try a lower --lr, such as {args.lr / 10:g}); "
                         "nothing was saved, earlier checkpoints are untouched") from None
@@ -208,13 +241,13 @@ def main():
     for name, path in {"--model_save_path": args.model_save_path, **paths}.items():
         check_writable(path, name, inputs=[args.image_path])
     x0 = load_image(args.image_path, args.img_size, warn=warn)
-    record = RunRecord(args, device, file_sha256(args.image_path),
-                       earlier_time=snapshot["train"]["wall_time_s"] if snapshot else 0.0)
+    record = RunRecord(args, device, file_sha256(args.image_path), earlier=snapshot["train"] if snapshot else None)
 
     # channels_last lets the CPU and GPU convolution kernels skip layout shuffles
     model = model.to(device, memory_format=torch.channels_last)
-    trainer = make_trainer(args, model, x0.to(device), device, snapshot)
-    if not train_until_done_or_stopped(trainer, args, record, snapshot_path):
+    x0 = x0.to(device)
+    trainer = make_trainer(args, model, x0, device, snapshot)
+    if not train_until_done_or_stopped(trainer, args, record, snapshot_path, x0):
         if trainer.step == 0:
             print("stopped before the first step; nothing to save", file=sys.stderr)
             sys.exit(EXIT_INTERRUPTED)
@@ -229,6 +262,10 @@ def main():
     record.write_reports(trainer, paths)
     print(f"trained {args.train_steps} steps in {record.elapsed():.1f} s on {device}; "
           f"final loss {trainer.final_loss():.6f} (mean of the last {min(trainer.step, 100)} steps)")
+    if record.quality["psnr_db"]:
+        reached = "; ".join(f"{db:g} dB at step {step} ({sec:.0f} s)" for db, step, sec in record.milestones())
+        print(f"PSNR of one-step denoising at t={EVAL_T}: {record.quality['psnr_db'][-1]:.2f} dB at the end"
+              + (f"; first reached {reached}" if reached else ""))
     print(f"saved {os.path.abspath(args.model_save_path)}, with its loss plots and run record "
           f"({os.path.basename(paths['loss_curve'])}, {os.path.basename(paths['loss_by_noise'])}, "
           f"{os.path.basename(paths['record'])})")

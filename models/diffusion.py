@@ -73,6 +73,11 @@ class NoiseSchedule:
         )
 
 
+def seeded_noise(x0, seed):
+    """eps ~ N(0, I) shaped like x0, drawn on the CPU from ``seed``, so every device sees the same noisy input."""
+    return torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+
+
 def training_losses(model, x0, schedule, generator=None):
     """One Monte-Carlo sample of the training objective E_{t, eps} ||unet(x_t, t) - x0||^2, per image.
 

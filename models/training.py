@@ -13,6 +13,11 @@ passed in is the peak:
   SGDR, 2017), so the final steps settle into a minimum instead of
   bouncing around it;
 * gradient-norm clipping at 1.0 guards against the rare huge gradient.
+
+On a CPU or a CUDA GPU, Adam runs as one fused kernel over all parameters and
+the gradient norm is taken with one multi-tensor call (``foreach``), instead
+of a handful of small operations per parameter tensor; same update, less
+overhead per step.
 """
 
 import math
@@ -25,6 +30,7 @@ from .diffusion import training_losses
 WARMUP_STEPS = 100
 GRAD_CLIP_NORM = 1.0
 PROGRESS_EVERY = 25  # steps between updates of the progress bar's loss
+MULTI_TENSOR_DEVICES = ("cpu", "cuda")  # where fused Adam and foreach clipping exist
 
 
 def learning_rate_factor(step, total_steps, warmup_steps=WARMUP_STEPS):
@@ -59,7 +65,8 @@ class Trainer:
         self.model, self.schedule, self.train_steps = model, schedule, train_steps
         self.x0_batch = x0.expand(batch_size, -1, -1, -1)  # (B, C, H, W): the same image B times, no copy
         self.generator = generator if generator is not None else torch.Generator(device=x0.device)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        self.multi_tensor = x0.device.type in MULTI_TENSOR_DEVICES
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=self.multi_tensor or None)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: learning_rate_factor(step, train_steps)
         )
@@ -77,29 +84,36 @@ class Trainer:
         loss = image_losses.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP_NORM)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP_NORM, foreach=self.multi_tensor or None)
         self.optimizer.step()
         self.lr_schedule.step()
         self.losses[self.step] = loss.detach()
         self.image_t[self.step], self.image_losses[self.step] = t[0], image_losses[0].detach()
         self.step += 1
 
-    def run(self, save_every=0, on_save=None, show_progress=True):
+    def run(self, save_every=0, on_save=None, eval_every=0, on_eval=None, show_progress=True):
         """Train until the last step or until request_stop(). Returns True if the run is complete.
 
         Every ``save_every`` steps (0: never) ``on_save(self)`` is called, after
         checking that no loss so far was nan or inf (NonFiniteLoss otherwise).
+        Every ``eval_every`` steps, and after the last, ``on_eval(self)`` is called
+        (0: never); it may return a dict to show beside the loss in the progress bar.
         """
+        shown = {}
         self.model.train()
         with tqdm(total=self.train_steps, initial=self.step, desc="training", unit="step",
                   disable=not show_progress) as bar:  # closed, ending its line, even on an error
             while self.step < self.train_steps and not self.stop_requested:
                 self.train_step()
                 bar.update()
+                if eval_every and (self.step % eval_every == 0 or self.step == self.train_steps):
+                    self.check_finite()
+                    shown = on_eval(self) or {}
+                    self.model.train()  # evaluation may have switched the model to eval mode
                 if self.step % PROGRESS_EVERY == 0 or self.step == self.train_steps:
                     self.check_finite()
                     recent = self.losses[max(self.step - PROGRESS_EVERY, 0) : self.step].mean().item()
-                    bar.set_postfix(loss=f"{recent:.5f}", lr=f"{self.lr_schedule.get_last_lr()[0]:.1e}")
+                    bar.set_postfix(loss=f"{recent:.5f}", lr=f"{self.lr_schedule.get_last_lr()[0]:.1e}", **shown)
                 if save_every and self.step % save_every == 0 and self.step < self.train_steps:
                     self.check_finite()
                     on_save(self)

@@ -1,13 +1,18 @@
 """CLI tier: the real scripts, as a user runs them, on a tiny image in a temporary folder."""
 
+import json
+import os
+import platform
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import INFER, TINY_NET, TRAIN, bad_image, run_in_process, run_script
+from conftest import INFER, REPO, TINY_NET, TRAIN, bad_image, run_in_process, run_script
 
 
 def test_train_then_infer_end_to_end(tmp_path, tiny_image):
@@ -243,3 +248,69 @@ def test_train_warns_about_a_small_image_and_still_trains(tmp_path, monkeypatch,
                                       *QUICK, monkeypatch=monkeypatch, capsys=capsys)
     assert status == 0, err
     assert "warning: " in err and "is only 6x4 px: enlarging it to 16x16" in err
+
+
+def test_training_logs_the_psnr_that_inference_then_shows(tmp_path, tiny_image):
+    """--eval_every: the run record holds one-step PSNR at t=500 against step and time, and its
+    last value is what ddpm_infer.py prints for the finished checkpoint (same noise, same t)."""
+    ckpt = tmp_path / "m.pth"
+    trained = run_script(TRAIN, "--img_size", 16, "--train_steps", 25, "--eval_every", 10, "--image_path",
+                         tiny_image, "--model_save_path", ckpt, "--device", "cpu", *TINY_NET, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    record = json.loads((tmp_path / "m.json").read_text())
+    quality = record["quality"]
+    assert quality["t"] == 500 and quality["step"] == [10, 20, 25]  # every 10 steps, and at the end
+    assert quality["seconds"] == sorted(quality["seconds"]) and quality["seconds"][-1] <= record["wall_time_s"]
+    assert quality == torch.load(ckpt, weights_only=True)["train"]["quality"]
+    for milestone in record["psnr_milestones"]:  # each is the first check at or above its level
+        first = next(i for i, v in enumerate(quality["psnr_db"]) if v >= milestone["psnr_db"])
+        assert (milestone["step"], milestone["seconds"]) == (quality["step"][first], quality["seconds"][first])
+    final = re.search(r"PSNR of one-step denoising at t=500: ([\d.]+) dB at the end", trained.stdout)
+    assert final and float(final.group(1)) == pytest.approx(quality["psnr_db"][-1], abs=0.005)
+
+    inferred = run_script(INFER, "--image_path", tiny_image, "--model_path", ckpt, "--result_path",
+                          tmp_path / "r.png", "--device", "cpu", cwd=tmp_path)
+    shown = float(re.search(r"PSNR inference output:\s+([\d.]+) dB", inferred.stdout).group(1))
+    assert shown == pytest.approx(quality["psnr_db"][-1], abs=0.005)
+
+
+def test_eval_every_zero_skips_the_quality_checks(tmp_path, tiny_image, monkeypatch, capsys):
+    status, out, err = run_in_process(TRAIN, "--img_size", 16, "--train_steps", 5, "--eval_every", 0,
+                                      "--image_path", tiny_image, "--model_save_path", tmp_path / "m.pth",
+                                      "--device", "cpu", *TINY_NET, monkeypatch=monkeypatch, capsys=capsys)
+    assert status == 0, err
+    assert json.loads((tmp_path / "m.json").read_text())["quality"]["step"] == []
+    assert "PSNR of one-step" not in out
+
+
+TRAINING_STEPS_FAULTS = """
+import resource, sys, torch
+from models import NoiseSchedule, UNet
+from models.cli import keep_freed_memory
+from models.training import Trainer
+if sys.argv[1] == "kept":
+    keep_freed_memory()
+torch.manual_seed(0)
+trainer = Trainer(UNet().to(memory_format=torch.channels_last), torch.zeros(1, 3, 128, 128), NoiseSchedule(), 10, 1e-3)
+for _ in range(3):
+    trainer.train_step()  # the heap grows to its working size
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    trainer.train_step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="malloc tuning applies to glibc only")
+def test_training_steps_reuse_freed_activations_instead_of_faulting_in_fresh_pages():
+    """keep_freed_memory(): once the heap has grown, a training step of the default network (here at
+    128 px) gets its activations from memory freed by the step before, not from new pages. Measured
+    here: ~70 page faults per step kept, ~1,700 without."""
+    def faults_per_step(mode):
+        done = subprocess.run([sys.executable, "-c", TRAINING_STEPS_FAULTS, mode], capture_output=True,
+                              text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+        assert done.returncode == 0, done.stderr
+        return float(done.stdout)
+
+    assert faults_per_step("kept") < faults_per_step("default") / 5

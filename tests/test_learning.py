@@ -40,3 +40,36 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(factors[100:], factors[101:]))
     assert factors[1550] == 0.5 and factors[-1] < 1e-5
     assert learning_rate_factor(0, 20) == 0.5  # short runs warm up for 10% of the steps
+
+
+def test_the_trainers_fused_adam_and_foreach_clipping_take_the_plain_per_tensor_step(tiny_image):
+    """On the CPU the Trainer uses fused Adam and one multi-tensor norm for clipping; that must be
+    the same algorithm as torch's plain per-tensor Adam and clipping, to rounding."""
+    from models.diffusion import training_losses
+    from models.training import GRAD_CLIP_NORM, Trainer
+
+    x0 = load_image(tiny_image, 16)
+    torch.manual_seed(0)
+    # Width 16, two channels per GroupNorm group. (At width 8 every group is one channel, so the
+    # biases just before a norm get exactly zero gradient in exact arithmetic; Adam turns the
+    # rounding noise there into full-size steps, and any two implementations drift apart.)
+    fused_model = UNet(3, 16, (1, 2))
+    plain_model = UNet(3, 16, (1, 2))
+    plain_model.load_state_dict(fused_model.state_dict())
+    steps = 20
+    trainer = Trainer(fused_model, x0, NoiseSchedule(), steps, lr=3e-3, generator=torch.Generator().manual_seed(0))
+    assert trainer.optimizer.defaults["fused"]
+    trainer.run(show_progress=False)
+
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(plain_model.parameters(), lr=3e-3, foreach=False)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, steps))
+    for _ in range(steps):
+        losses, _ = training_losses(plain_model, x0, NoiseSchedule(), generator=generator)
+        optimizer.zero_grad()
+        losses.mean().backward()
+        torch.nn.utils.clip_grad_norm_(plain_model.parameters(), GRAD_CLIP_NORM, foreach=False)
+        optimizer.step()
+        lr_schedule.step()
+    for fused, plain in zip(fused_model.parameters(), plain_model.parameters()):
+        assert torch.allclose(fused, plain, atol=1e-6)

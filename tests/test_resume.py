@@ -115,6 +115,9 @@ def test_ctrl_c_saves_a_snapshot_and_resume_finishes_the_same_run(tmp_path, tiny
     assert all(torch.equal(resumed_weights[k], straight_weights[k]) for k in straight_weights)
     history = torch.load(ckpt, weights_only=True)["train"]["loss_history"]
     assert history == torch.load(tmp_path / "straight.pth", weights_only=True)["train"]["loss_history"]
+    quality = [torch.load(path, weights_only=True)["train"]["quality"] for path in (ckpt, tmp_path / "straight.pth")]
+    assert quality[0]["step"] == quality[1]["step"] == list(range(100, 801, 100))  # every check, once
+    assert quality[0]["psnr_db"] == quality[1]["psnr_db"]
 
 
 def test_save_every_writes_snapshots_and_the_finished_run_removes_them(tmp_path, tiny_image, monkeypatch, capsys):

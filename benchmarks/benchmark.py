@@ -1,0 +1,465 @@
+"""Benchmark: this project's U-Net against peer U-Nets on the demo's own task, in one run.
+
+    pip install -r benchmarks/requirements.txt
+    python benchmarks/benchmark.py                 # about 25 minutes on 2 CPU cores
+    python benchmarks/benchmark.py --quick         # a smoke test: 32 px, a few steps
+
+The task is the one ddpm_train.py does: fit ONE image under linear-interpolation
+noising, x_t = (1 - w) x0 + w eps, with x0 as the target, batch 1. Every model
+is trained by the same loop (models/training.py: Adam, warm-up, cosine decay,
+clipping) from the same seed, so each sees the same sequence of t and eps.
+For each image size and each model it reports:
+
+* parameters, and FLOPs per training step as torch.utils.flop_counter counts
+  them (convolutions, matrix multiplies and attention, forward and backward;
+  elementwise work and the optimizer are not counted);
+* the median step time over timed rounds, with its spread (25th-75th
+  percentile). The models take turns within every round, and the ratio of each
+  model's time to ours is taken round by round, so drift of the machine
+  (clock, other load) falls on both sides of each ratio;
+* achieved FLOP/s and its fraction of the matrix-multiply peak measured at the
+  start of the same run (fp32 on a CPU, bf16 on a GPU);
+* quality: PSNR of the one-step output at t = 500 against the image, after the
+  same number of steps and after the same wall time (each model gets as many
+  steps as fit in the time ours needed, from the measured step times);
+* peak memory of a training step, measured in a child process per model
+  (resident memory on a CPU, Linux only; allocated memory on a GPU);
+* the end-to-end time of ``python ddpm_infer.py`` divided by the time of
+  merely importing it (``python -c "import ddpm_infer"``: the script and every
+  library it loads).
+
+Results are printed as a table and written to a JSON file (--json).
+"""
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script from anywhere: models/ and benchmarks/ import
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from benchmarks import peers  # noqa: E402
+from models.cli import keep_freed_memory, pick_device  # noqa: E402
+from models.diffusion import NoiseSchedule, denoise, training_losses  # noqa: E402
+from models.imaging import load_image  # noqa: E402
+from models.metrics import psnr  # noqa: E402
+from models.training import Trainer  # noqa: E402
+
+IMAGE = REPO / "images" / "demo.png"
+EVAL_T = 500  # quality is the one-step PSNR from this timestep, as ddpm_infer.py's default
+LR = 1e-3  # ddpm_train.py's default
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def sync(device):
+    """Wait for queued GPU work, so that the clock measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_rate(work, flops, device, repeats=10):
+    """FLOP/s of the fastest of ``repeats`` calls of work(), after three warm-up calls."""
+    for _ in range(3):
+        work()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return flops / min(times)
+
+
+def matmul_peak(device, side=64, channels=1024):
+    """The matrix-multiply peak of this machine, FLOP/s, measured now.
+
+    On a CPU: fp32, a (side^2 x channels) matrix times a (channels x channels)
+    one (4096 x 1024 times 1024 x 1024 by default), as torch.mm (MKL's GEMM)
+    and as the same product written as a 1x1 convolution over a side x side
+    image (oneDNN's GEMM, the library that runs the network's convolutions; on
+    some CPUs, AMD's among them, it is twice as fast as MKL's). The peak is
+    the faster of the two, so the fraction of peak is never flattered by a
+    slow reference. On a GPU: bf16, 8192 x 8192 times 8192 x 8192.
+    """
+    if device.type == "cuda":
+        n = 8192
+        a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+        rate = best_rate(lambda: a @ b, 2 * n**3, device)
+        return {"rates": {"torch.mm bf16": rate}, "peak": rate, "shape": [n, n, n]}
+    m, k = side * side, channels
+    a, b = torch.randn(m, k), torch.randn(k, k)
+    image, kernel = matmul_as_conv(a, b, side)
+    flops = 2 * m * k * k
+    rates = {"torch.mm fp32": best_rate(lambda: a @ b, flops, device),
+             "1x1 conv fp32": best_rate(lambda: F.conv2d(image, kernel), flops, device)}
+    return {"rates": rates, "peak": max(rates.values()), "shape": [m, k, k]}
+
+
+def matmul_as_conv(a, b, side):
+    """a (side^2, K) and b (K, N) as a 1x1 convolution: an image (1, K, side, side) in channels_last
+    layout (pixel p's channels are row p of a, no copy) and a kernel (N, K, 1, 1) = b transposed.
+    conv2d(image, kernel) permuted to (side^2, N) is a @ b."""
+    image = a.view(1, side, side, a.shape[1]).permute(0, 3, 1, 2)
+    kernel = b.t().contiguous().view(b.shape[1], b.shape[0], 1, 1)
+    return image, kernel
+
+
+def eval_input(x0, schedule, seed):
+    """The noisy image every model is judged on: x0 noised to t = 500 with seeded eps (as ddpm_infer.py)."""
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    return schedule.add_noise(x0, torch.tensor([EVAL_T]), eps)
+
+
+def new_trainer(model, x0, schedule, steps, seed, device):
+    """The training loop of ddpm_train.py, its random draws (every t and eps) seeded."""
+    return Trainer(model, x0, schedule, steps, LR, generator=torch.Generator(device=device).manual_seed(seed))
+
+
+def flops_per_step(model, x0, schedule, device):
+    """FLOPs of one forward and backward pass of the training loss, on a copy of the model."""
+    model = copy.deepcopy(model)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with FlopCounterMode(display=False) as counter:
+        losses, _ = training_losses(model, x0, schedule, generator=generator)
+        losses.mean().backward()
+    return counter.get_total_flops()
+
+
+def time_steps(trainer, steps, device):
+    """Seconds per training step, averaged over ``steps`` steps."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def pick_memory_format(name, x0, schedule, device, seed):
+    """The faster memory format for this model (each model gets its better one), by a short trial."""
+    trials = {}
+    for label, memory_format in MEMORY_FORMATS.items():
+        model = peers.build(name, seed).to(device, memory_format=memory_format)
+        trainer = new_trainer(model, x0, schedule, 6, seed, device)
+        time_steps(trainer, 2, device)  # warm-up
+        trials[label] = time_steps(trainer, 4, device)
+    return min(trials, key=trials.get)
+
+
+def timed_rounds(names, formats, x0, schedule, device, seed, rounds, steps_per_round, warmup):
+    """Per model, the step time of every round; the models take turns within each round."""
+    trainers = {}
+    for name in names:
+        model = peers.build(name, seed).to(device, memory_format=MEMORY_FORMATS[formats[name]])
+        trainers[name] = new_trainer(model, x0, schedule, warmup + rounds * steps_per_round, seed, device)
+        trainers[name].model.train()
+        time_steps(trainers[name], warmup, device)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]  # who goes first rotates
+        for name in order:
+            times[name].append(time_steps(trainers[name], steps_per_round, device))
+    return times
+
+
+def train_and_score(name, fmt, x0, x_t, schedule, device, seed, steps):
+    """Train a fresh model for ``steps`` steps; return (PSNR of its one-step output at t = 500, seconds)."""
+    model = peers.build(name, seed).to(device, memory_format=MEMORY_FORMATS[fmt])
+    trainer = new_trainer(model, x0, schedule, steps, seed, device)
+    sync(device)
+    start = time.perf_counter()
+    trainer.run(show_progress=False)
+    sync(device)
+    seconds = time.perf_counter() - start
+    x0_hat = denoise(model, x_t.to(device), EVAL_T, schedule).cpu()
+    return psnr(x0_hat, x0.cpu()), seconds
+
+
+def memory_probe(name, size, device, fmt, seed):
+    """Run in a child process: the memory three training steps take above what was in use before, MiB."""
+    schedule = NoiseSchedule()
+    x0 = load_image(str(IMAGE), size).to(device)
+    model = peers.build(name, seed).to(device, memory_format=MEMORY_FORMATS[fmt])  # imports its library
+    # One step of a throwaway one-conv model first: what torch loads lazily on the first optimizer step
+    # (tens of MB of modules) must not count against whichever model happens to come first.
+    new_trainer(OneConv().to(device), x0[..., :8, :8], schedule, 1, seed, device).train_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        before = resident_memory(reset_peak=True)["now"]
+    trainer = new_trainer(model, x0, schedule, 3, seed, device)
+    trainer.run(show_progress=False)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resident_memory()["peak"]
+    return (peak - before) / 2**20
+
+
+class OneConv(torch.nn.Module):
+    """The smallest network with our interface: x0_hat = conv1x1(x_t)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+
+    def forward(self, x_t, t):
+        return self.conv(x_t)
+
+
+def resident_memory(reset_peak=False):
+    """This process's resident memory now and its peak, in bytes, from Linux's /proc/self/status.
+
+    (Not getrusage's ru_maxrss: that survives exec, so a child started by a big parent would report
+    the parent's size.) ``reset_peak`` first sets the peak to the current size (/proc/self/clear_refs).
+    """
+    if reset_peak:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) * 1024  # reported in kB
+    return {"now": fields["VmRSS"], "peak": fields["VmHWM"]}
+
+
+def measure_memory(name, size, device, fmt, seed):
+    """memory_probe in a fresh interpreter, so one model's peak cannot hide another's."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--_memory_probe", name,
+               "--sizes", str(size), "--device", device.type, "--seed", str(seed), "--_format", fmt]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def infer_overhead(device, repeats):
+    """Median seconds of ``python ddpm_infer.py`` and of importing it, alternating; and their ratio."""
+    with tempfile.TemporaryDirectory() as scratch:
+        run_it = [sys.executable, "ddpm_infer.py", "--result_path", os.path.join(scratch, "result.png"),
+                  "--device", device.type]
+        import_it = [sys.executable, "-c", "import ddpm_infer"]
+        times = {"run": [], "import": []}
+        for _ in range(repeats):
+            for key, command in (("import", import_it), ("run", run_it)):
+                start = time.perf_counter()
+                subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+                times[key].append(time.perf_counter() - start)
+    run_s, import_s = statistics.median(times["run"]), statistics.median(times["import"])
+    return {"run_s": run_s, "import_s": import_s, "ratio": run_s / import_s, "repeats": repeats}
+
+
+def percentile(values, q):
+    """The q-quantile (0..1) of values, linearly interpolated."""
+    values = sorted(values)
+    position = q * (len(values) - 1)
+    low = int(position)
+    high = min(low + 1, len(values) - 1)
+    return values[low] + (values[high] - values[low]) * (position - low)
+
+
+def bench_size(size, names, args, device, peak, log):
+    """Every measurement at one image size. Returns name -> dict of results."""
+    schedule = NoiseSchedule()
+    x0 = load_image(str(IMAGE), size).to(device)
+    x_t = eval_input(x0.cpu(), schedule, args.seed)
+    results = {name: {"description": peers.MODELS[name][0]} for name in names}
+    for name in names:
+        model = peers.build(name, args.seed).to(device)
+        results[name]["params"] = peers.parameter_count(model)
+        results[name]["flops_per_step"] = flops_per_step(model, x0, schedule, device)
+        results[name]["memory_format"] = pick_memory_format(name, x0, schedule, device, args.seed)
+    peers.check_parameter_budget({name: r["params"] for name, r in results.items()})
+    log(f"{size} px: timing {args.rounds} rounds of {args.steps_per_round} steps")
+
+    formats = {name: r["memory_format"] for name, r in results.items()}
+    times = timed_rounds(names, formats, x0, schedule, device, args.seed, args.rounds, args.steps_per_round,
+                         args.warmup)
+    for name in names:
+        step_s = statistics.median(times[name])
+        ratios = [mine / ours for mine, ours in zip(times[name], times[peers.OURS])]
+        results[name].update({
+            "step_ms": step_s * 1e3,
+            "step_ms_p25": percentile(times[name], 0.25) * 1e3,
+            "step_ms_p75": percentile(times[name], 0.75) * 1e3,
+            "ratio_to_ours": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "flops_per_s": results[name]["flops_per_step"] / step_s,
+            "fraction_of_peak": results[name]["flops_per_step"] / step_s / peak,
+        })
+
+    ours_step_s = results[peers.OURS]["step_ms"] / 1e3
+    for name in names:
+        log(f"{size} px: training {name}")
+        r = results[name]
+        r["psnr_equal_steps"], r["seconds_equal_steps"] = train_and_score(
+            name, r["memory_format"], x0, x_t, schedule, device, args.seed, args.quality_steps)
+        if name == peers.OURS:
+            r["steps_equal_time"], r["psnr_equal_time"] = args.quality_steps, r["psnr_equal_steps"]
+        else:  # as many steps as fit in the time ours took for quality_steps, by the measured step times
+            r["steps_equal_time"] = max(1, round(args.quality_steps * ours_step_s / (r["step_ms"] / 1e3)))
+            r["psnr_equal_time"], _ = train_and_score(
+                name, r["memory_format"], x0, x_t, schedule, device, args.seed, r["steps_equal_time"])
+        if not args.skip_memory:
+            r["peak_memory_mb"] = measure_memory(name, size, device, r["memory_format"], args.seed)
+    return results
+
+
+def format_table(size, results, quality_steps):
+    """The results at one size as a Markdown table."""
+    lines = [
+        f"**{size} x {size} px**, batch 1; PSNR at t = {EVAL_T} after {quality_steps} steps, and after "
+        f"the wall time ours needs for {quality_steps} steps",
+        "",
+        "| model | params | GFLOP/step | ms/step (p25-p75) | time vs ours (min-max) | GFLOP/s | % of peak "
+        "| PSNR, equal steps | PSNR, equal time (steps) | peak MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in results.items():
+        memory = f"{r['peak_memory_mb']:.0f}" if "peak_memory_mb" in r else "-"
+        lines.append(
+            f"| {name} | {r['params']:,} | {r['flops_per_step'] / 1e9:.2f} "
+            f"| {r['step_ms']:.1f} ({r['step_ms_p25']:.1f}-{r['step_ms_p75']:.1f}) "
+            f"| {r['ratio_to_ours']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) "
+            f"| {r['flops_per_s'] / 1e9:.0f} | {100 * r['fraction_of_peak']:.0f}% "
+            f"| {r['psnr_equal_steps']:.2f} dB | {r['psnr_equal_time']:.2f} dB ({r['steps_equal_time']}) "
+            f"| {memory} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--sizes", default="64,128,256", help="image sides to measure, comma-separated")
+    parser.add_argument("--models", default=None,
+                        help=f"comma-separated subset of {','.join(peers.MODELS)} (default: all installed)")
+    parser.add_argument("--rounds", type=int, default=12, help="timed rounds; every model runs in each")
+    parser.add_argument("--steps_per_round", type=int, default=3, help="training steps per model per round")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per model before the rounds")
+    parser.add_argument("--quality_steps", type=int, default=300, help="training steps for the equal-steps PSNR")
+    parser.add_argument("--infer_repeats", type=int, default=5, help="runs of ddpm_infer.py to time")
+    parser.add_argument("--skip_memory", action="store_true", help="do not measure peak memory")
+    parser.add_argument("--skip_infer", action="store_true", help="do not time ddpm_infer.py")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 32 px, 2 rounds, 10 quality steps, 1 inference run")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of every t and eps")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--json", default="benchmarks/results.json", help="where to write the results")
+    parser.add_argument("--_memory_probe", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_format", default="contiguous", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.rounds, args.quality_steps, args.warmup, args.infer_repeats = "32", 2, 10, 1, 1
+    try:
+        args.sizes = [int(s) for s in args.sizes.split(",")]
+    except ValueError:
+        parser.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
+    names = args.models.split(",") if args.models else peers.available()
+    unknown = [n for n in names if n not in peers.MODELS]
+    if unknown:
+        parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(peers.MODELS)}")
+    missing = [n for n in names if n not in peers.available()]
+    if missing:
+        parser.error(f"{missing[0]!r} needs {peers.MODELS[missing[0]][1]}: pip install -r benchmarks/requirements.txt")
+    args.models = [peers.OURS] + [n for n in names if n != peers.OURS]  # ours is the reference
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    keep_freed_memory()  # as ddpm_train.py does, for every model alike
+    device = pick_device(args.device)
+    if args._memory_probe:
+        print(memory_probe(args._memory_probe, args.sizes[0], device, args._format, args.seed))
+        return None
+    started = time.perf_counter()
+
+    def log(message):
+        print(f"[{time.perf_counter() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+    peak = matmul_peak(device)
+    log("matmul peak " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak["rates"].items()))
+    report = {
+        "command": "python " + " ".join([os.path.relpath(__file__, REPO), *(argv or sys.argv[1:])]),
+        "machine": {"device": str(device), "platform": platform.platform(), "processor": cpu_name(),
+                    "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     **{peers.MODELS[n][1]: library_version(peers.MODELS[n][1]) for n in args.models[1:]}},
+        "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "json"},
+        "matmul_peak": peak,
+        "sizes": {},
+    }
+    for size in args.sizes:
+        report["sizes"][str(size)] = bench_size(size, args.models, args, device, peak["peak"], log)
+    if not args.skip_infer:
+        log("timing ddpm_infer.py")
+        report["infer"] = infer_overhead(device, args.infer_repeats)
+    report["seconds"] = time.perf_counter() - started
+
+    print(format_report(report))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    print(f"\nwrote {args.json}")
+    return report
+
+
+def cpu_name():
+    """The CPU's model name where Linux tells it, else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def library_version(package):
+    from importlib.metadata import version
+
+    return version(package.replace("_", "-"))
+
+
+def format_report(report):
+    """The whole report as Markdown: machine, peak, one table per size, the inference overhead."""
+    m, peak = report["machine"], report["matmul_peak"]
+    header = [
+        f"`{report['command']}` on {m['gpu'] or m['processor'] or m['platform']} "
+        f"({m['device']}, {m['torch_threads']} threads), torch {report['versions']['torch']}",
+        "",
+        "Matrix-multiply peak, measured in this run: "
+        + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak["rates"].items())
+        + f"; peak = {peak['peak'] / 1e9:.0f} GFLOP/s",
+    ]
+    tables = [format_table(size, results, report["settings"]["quality_steps"])
+              for size, results in report["sizes"].items()]
+    footer = []
+    if "infer" in report:
+        i = report["infer"]
+        footer = [f"`python ddpm_infer.py` end to end: {i['run_s']:.2f} s; `python -c \"import ddpm_infer\"`: "
+                  f"{i['import_s']:.2f} s; ratio {i['ratio']:.2f} (medians of {i['repeats']})"]
+    footer.append(f"Benchmark wall time: {report['seconds'] / 60:.1f} min")
+    return "\n\n".join(["\n".join(header), *tables, *footer])
+
+
+if __name__ == "__main__":
+    main()

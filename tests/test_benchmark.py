@@ -1,0 +1,132 @@
+"""The benchmark (benchmarks/benchmark.py): its measurements are computed as documented.
+
+The peer U-Nets are benchmark-only dependencies: tests that need them skip
+where benchmarks/requirements.txt is not installed. Nothing here asserts a
+speed: the benchmark measures speed, the tests check how it measures.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import benchmark, peers
+from models.diffusion import NoiseSchedule
+
+OURS_PARAMETERS = 1_881_907  # the default network, as the READMEs state
+
+
+def test_percentile_interpolates_between_ranks():
+    assert benchmark.percentile([4.0, 1.0, 3.0, 2.0], 0.0) == 1.0
+    assert benchmark.percentile([4.0, 1.0, 3.0, 2.0], 1.0) == 4.0
+    assert benchmark.percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5
+    assert benchmark.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 0.25) == 2.0
+    assert benchmark.percentile([7.0], 0.75) == 7.0
+
+
+def test_flops_per_step_counts_forward_and_backward_of_a_known_network():
+    """One 3x3 conv, 3 -> 4 channels at 8x8: forward 2*9*3*4*64 FLOPs; backward twice that
+    (input gradient and weight gradient) -- but the input needs no gradient, so backward counts
+    only the weight gradient."""
+    class OneConv(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1, bias=False)
+
+        def forward(self, x, t):
+            return self.conv(x)
+
+    forward = 2 * 9 * 3 * 3 * 64
+    x0 = torch.zeros(1, 3, 8, 8)
+    flops = benchmark.flops_per_step(OneConv(), x0, NoiseSchedule(), torch.device("cpu"))
+    assert flops == 2 * forward  # forward + weight gradient
+
+
+def test_flops_per_step_leaves_the_model_untouched():
+    model = peers.build(peers.OURS)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    benchmark.flops_per_step(model, torch.zeros(1, 3, 32, 32), NoiseSchedule(), torch.device("cpu"))
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_matmul_peak_reports_every_rate_and_the_fastest_as_peak():
+    peak = benchmark.matmul_peak(torch.device("cpu"), side=8, channels=32)
+    assert set(peak["rates"]) == {"torch.mm fp32", "1x1 conv fp32"}
+    assert peak["peak"] == max(peak["rates"].values()) > 0
+
+
+def test_the_1x1_convolution_of_the_peak_is_the_same_matrix_product():
+    """The oneDNN reference really multiplies the two matrices (else its rate would mean nothing)."""
+    a, b = torch.randn(36, 16), torch.randn(16, 24)
+    image, kernel = benchmark.matmul_as_conv(a, b, side=6)
+    assert image.is_contiguous(memory_format=torch.channels_last) and image.data_ptr() == a.data_ptr()
+    out = torch.nn.functional.conv2d(image, kernel)  # (1, 24, 6, 6)
+    assert torch.allclose(out.permute(0, 2, 3, 1).reshape(36, 24), a @ b, atol=1e-5)
+
+
+def test_every_model_gets_the_same_random_draws_and_the_same_initial_weights():
+    x0 = torch.zeros(1, 3, 16, 16)
+    draws = []
+    for _ in range(2):
+        trainer = benchmark.new_trainer(torch.nn.Conv2d(3, 3, 1), x0, NoiseSchedule(), 1, 0, torch.device("cpu"))
+        draws.append(torch.randn(4, generator=trainer.generator))
+    assert torch.equal(*draws)
+    first, second = peers.build(peers.OURS, seed=3), peers.build(peers.OURS, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(first.parameters(), second.parameters()))
+
+
+def test_parameter_budget_accepts_ten_percent_and_names_the_model_beyond_it():
+    peers.check_parameter_budget({peers.OURS: 1000, "a": 1100, "b": 900})
+    with pytest.raises(ValueError, match="b has 899 parameters"):
+        peers.check_parameter_budget({peers.OURS: 1000, "b": 899})
+
+
+def test_ours_is_the_default_network():
+    assert peers.parameter_count(peers.build(peers.OURS)) == OURS_PARAMETERS
+
+
+@pytest.mark.parametrize("name", [n for n in peers.MODELS if n != peers.OURS])
+def test_peers_are_within_ten_percent_and_speak_our_interface(name):
+    pytest.importorskip(peers.MODELS[name][1])
+    model = peers.build(name)
+    count = peers.parameter_count(model)
+    assert abs(count - OURS_PARAMETERS) <= 0.10 * OURS_PARAMETERS
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x, torch.tensor([0, 1000]))
+    assert out.shape == x.shape
+
+
+def test_lucidrains_without_attention_has_no_attention_left():
+    pytest.importorskip("denoising_diffusion_pytorch")
+    model = peers.build("lucidrains")
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert not kinds & {"Attention", "LinearAttention"}
+    assert "LinearAttention" in {type(m).__name__ for m in peers.build("lucidrains+attn").modules()}
+
+
+def test_unknown_or_uninstalled_model_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(["--models", "ours,unet9000"])
+    assert exit_info.value.code == 2
+    assert "unknown model 'unet9000'" in capsys.readouterr().err
+
+
+def test_quick_run_of_ours_writes_a_complete_report(tmp_path):
+    """The whole pipeline end to end at 32 px, our model only (memory probe and inference timing
+    included): every number is present and self-consistent."""
+    path = tmp_path / "results.json"
+    report = benchmark.main(["--quick", "--models", "ours", "--device", "cpu", "--json", str(path)])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(report))
+    ours = report["sizes"]["32"]["ours"]
+    assert ours["params"] == OURS_PARAMETERS
+    assert ours["ratio_to_ours"] == ours["ratio_min"] == ours["ratio_max"] == 1.0
+    assert ours["step_ms_p25"] <= ours["step_ms"] <= ours["step_ms_p75"]
+    assert math.isclose(ours["flops_per_s"], ours["flops_per_step"] / (ours["step_ms"] / 1e3))
+    assert math.isclose(ours["fraction_of_peak"], ours["flops_per_s"] / report["matmul_peak"]["peak"])
+    assert ours["steps_equal_time"] == 10 and ours["psnr_equal_time"] == ours["psnr_equal_steps"]
+    assert 0 < ours["psnr_equal_steps"] < 100
+    assert ours["peak_memory_mb"] > 0
+    assert report["infer"]["ratio"] == pytest.approx(report["infer"]["run_s"] / report["infer"]["import_s"])
+    assert ours["memory_format"] in benchmark.MEMORY_FORMATS

@@ -16,9 +16,14 @@ For each image size and each model it reports:
 * the median step time over timed rounds, with its spread (25th-75th
   percentile). The models take turns within every round, and the ratio of each
   model's time to ours is taken round by round, so drift of the machine
-  (clock, other load) falls on both sides of each ratio;
+  (clock, other load) falls on both sides of each ratio. Ours runs in the
+  channels_last layout, as ddpm_train.py runs it; each peer in whichever of
+  channels_last and the default layout a short trial finds faster for it;
 * achieved FLOP/s and its fraction of the matrix-multiply peak measured at the
-  start of the same run (fp32 on a CPU, bf16 on a GPU);
+  start of the same run (fp32 on a CPU, bf16 on a GPU); and the same from the
+  step time of an uninterrupted training run (the equal-steps run below),
+  which is what training really gets: in the rounds each model starts every
+  few steps with caches full of another model's data;
 * quality: PSNR of the one-step output at t = 500 against the image, after the
   same number of steps and after the same wall time (each model gets as many
   steps as fit in the time ours needed, from the measured step times);
@@ -148,15 +153,21 @@ def time_steps(trainer, steps, device):
     return (time.perf_counter() - start) / steps
 
 
-def pick_memory_format(name, x0, schedule, device, seed):
-    """The faster memory format for this model (each model gets its better one), by a short trial."""
-    trials = {}
+def pick_memory_format(name, x0, schedule, device, seed, rounds=3, steps=2):
+    """The memory format this model trains in: ours as ddpm_train.py runs it (channels_last); each peer
+    in whichever of the two formats is faster for it, by a short trial in which the formats alternate."""
+    if name == peers.OURS:
+        return "channels_last"
+    trainers = {}
     for label, memory_format in MEMORY_FORMATS.items():
         model = peers.build(name, seed).to(device, memory_format=memory_format)
-        trainer = new_trainer(model, x0, schedule, 6, seed, device)
-        time_steps(trainer, 2, device)  # warm-up
-        trials[label] = time_steps(trainer, 4, device)
-    return min(trials, key=trials.get)
+        trainers[label] = new_trainer(model, x0, schedule, 3 + rounds * steps, seed, device)
+        time_steps(trainers[label], 3, device)  # warm-up
+    trials = {label: [] for label in trainers}
+    for _ in range(rounds):
+        for label, trainer in trainers.items():
+            trials[label].append(time_steps(trainer, steps, device))
+    return min(trials, key=lambda label: statistics.median(trials[label]))
 
 
 def timed_rounds(names, formats, x0, schedule, device, seed, rounds, steps_per_round, warmup):
@@ -308,6 +319,8 @@ def bench_size(size, names, args, device, peak, log):
         r = results[name]
         r["psnr_equal_steps"], r["seconds_equal_steps"] = train_and_score(
             name, r["memory_format"], x0, x_t, schedule, device, args.seed, args.quality_steps)
+        r["step_ms_continuous"] = r["seconds_equal_steps"] / args.quality_steps * 1e3
+        r["fraction_of_peak_continuous"] = r["flops_per_step"] / (r["step_ms_continuous"] / 1e3) / peak
         if name == peers.OURS:
             r["steps_equal_time"], r["psnr_equal_time"] = args.quality_steps, r["psnr_equal_steps"]
         else:  # as many steps as fit in the time ours took for quality_steps, by the measured step times
@@ -326,8 +339,8 @@ def format_table(size, results, quality_steps):
         f"the wall time ours needs for {quality_steps} steps",
         "",
         "| model | params | GFLOP/step | ms/step (p25-p75) | time vs ours (min-max) | GFLOP/s | % of peak "
-        "| PSNR, equal steps | PSNR, equal time (steps) | peak MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ms/step, % of peak in a run | PSNR, equal steps | PSNR, equal time (steps) | peak MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results.items():
         memory = f"{r['peak_memory_mb']:.0f}" if "peak_memory_mb" in r else "-"
@@ -336,6 +349,7 @@ def format_table(size, results, quality_steps):
             f"| {r['step_ms']:.1f} ({r['step_ms_p25']:.1f}-{r['step_ms_p75']:.1f}) "
             f"| {r['ratio_to_ours']:.2f}x ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) "
             f"| {r['flops_per_s'] / 1e9:.0f} | {100 * r['fraction_of_peak']:.0f}% "
+            f"| {r['step_ms_continuous']:.1f}, {100 * r['fraction_of_peak_continuous']:.0f}% "
             f"| {r['psnr_equal_steps']:.2f} dB | {r['psnr_equal_time']:.2f} dB ({r['steps_equal_time']}) "
             f"| {memory} |"
         )

@@ -129,4 +129,41 @@ def test_quick_run_of_ours_writes_a_complete_report(tmp_path):
     assert 0 < ours["psnr_equal_steps"] < 100
     assert ours["peak_memory_mb"] > 0
     assert report["infer"]["ratio"] == pytest.approx(report["infer"]["run_s"] / report["infer"]["import_s"])
-    assert ours["memory_format"] in benchmark.MEMORY_FORMATS
+    assert ours["memory_format"] == "channels_last"  # as ddpm_train.py runs it
+    assert math.isclose(ours["step_ms_continuous"], ours["seconds_equal_steps"] / 10 * 1e3)
+    assert math.isclose(ours["fraction_of_peak_continuous"],
+                        ours["flops_per_step"] / (ours["step_ms_continuous"] / 1e3) / report["matmul_peak"]["peak"])
+
+
+def test_ablations_compare_each_measure_against_the_default_step(tmp_path):
+    """benchmarks/ablations.py at 32 px: every row present, ratios are the per-round medians, the
+    per-tensor variant really uses per-tensor Adam."""
+    from benchmarks import ablations
+
+    x0 = torch.zeros(1, 3, 32, 32)
+    per_tensor = ablations.default_trainer(x0, 2, trainer_class=ablations.PerTensorTrainer)
+    assert not per_tensor.optimizer.defaults["fused"] and per_tensor.optimizer.defaults["foreach"] is False
+    rows = ablations.main(["--size", "32", "--rounds", "2", "--steps", "1", "--warmup", "1",
+                           "--json", str(tmp_path / "a.json")])
+    assert len(rows) == 3
+    for row in rows.values():
+        assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"] and row["baseline_ms"] > 0
+    allocator = rows["malloc defaults instead of keep_freed_memory()"]
+    assert allocator["baseline_faults_per_step"] >= 0 and allocator["variant_faults_per_step"] >= 0
+    assert json.loads((tmp_path / "a.json").read_text())["rows"] == json.loads(json.dumps(rows))
+
+
+def test_profile_step_accounts_for_every_convolution_and_the_whole_step(capsys):
+    from benchmarks import profile_step
+
+    model = peers.build(peers.OURS).to(memory_format=torch.channels_last)
+    layers = profile_step.conv_layers(model, torch.zeros(1, 3, 32, 32))
+    assert sum(layers.values()) == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert layers[(3, 16, 3, 1, 32)] == 1  # conv_in
+    assert layers[(16, 16, 3, 2, 32)] == 1  # the first Down: stride 2
+    forward, backward = profile_step.conv_rates(8, 8, 3, 1, 16, repeats=2)
+    assert forward > 0 and backward > 0
+    by_kind = profile_step.main(["--size", "32", "--steps", "2"])
+    assert by_kind["convolution forward"] > 0 and by_kind["convolution backward"] > 0
+    assert by_kind["GroupNorm backward"] > 0 and by_kind["optimizer and clipping"] > 0
+    assert "| 16 -> 16, 3x3, stride 2, 32 px | 1 |" in capsys.readouterr().out

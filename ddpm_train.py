@@ -29,7 +29,7 @@ from models.cli import (MAX_SEED, ArgumentParser, add_device_argument, channel_m
                         int_in_range, pick_device, positive_float, run, stop_on_sigint, warn)
 from models.diffusion import DEFAULT_MAX_NOISE, NoiseSchedule, denoise, seeded_noise
 from models.errors import UserError
-from models.figures import save_loss_by_noise, save_loss_curve
+from models.figures import save_loss_by_noise, save_loss_curve, save_quality_curve
 from models.files import atomic_write, check_writable, file_sha256
 from models.imaging import load_image
 from models.metrics import psnr
@@ -93,6 +93,7 @@ def companion_paths(model_save_path):
         "snapshot": f"{root}.resume{ext or '.pth'}",  # resumable, while the run is unfinished
         "loss_curve": f"{root}_loss.png",
         "loss_by_noise": f"{root}_loss_by_noise.png",
+        "quality_curve": f"{root}_psnr.png",
         "record": f"{root}.json",
     }
 
@@ -171,6 +172,8 @@ class RunRecord:
         save_loss_curve(losses, paths["loss_curve"])
         save_loss_by_noise([trainer.schedule.w(t) for t in noise["t"]], noise["loss"], trainer.schedule.max_noise,
                            paths["loss_by_noise"])
+        if self.quality["step"]:
+            save_quality_curve(self.quality, self.milestones(), paths["quality_curve"])
         record = {
             "command": " ".join(["python", "ddpm_train.py", *sys.argv[1:]]),
             "args": dict(vars(self.args)),
@@ -266,9 +269,10 @@ def main():
         reached = "; ".join(f"{db:g} dB at step {step} ({sec:.0f} s)" for db, step, sec in record.milestones())
         print(f"PSNR of one-step denoising at t={EVAL_T}: {record.quality['psnr_db'][-1]:.2f} dB at the end"
               + (f"; first reached {reached}" if reached else ""))
-    print(f"saved {os.path.abspath(args.model_save_path)}, with its loss plots and run record "
-          f"({os.path.basename(paths['loss_curve'])}, {os.path.basename(paths['loss_by_noise'])}, "
-          f"{os.path.basename(paths['record'])})")
+    reports = [paths["loss_curve"], paths["loss_by_noise"], *([paths["quality_curve"]] if record.quality["step"] else []),
+               paths["record"]]
+    print(f"saved {os.path.abspath(args.model_save_path)}, with its plots and run record "
+          f"({', '.join(os.path.basename(path) for path in reports)})")
 
 
 if __name__ == "__main__":

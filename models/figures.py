@@ -6,6 +6,7 @@
     save_sweep          noisy input and outputs across noise levels, and PSNR against w
     save_loss_curve     training loss against step
     save_loss_by_noise  training loss against noise level w, binned
+    save_quality_curve  PSNR during training against wall time
 
 Nothing here computes a metric or runs the model. Matplotlib is used through
 its object API (Figure + the Agg canvas), so no window or global state is
@@ -173,6 +174,29 @@ def save_loss_curve(losses, path, smoothing=50):
     ax.set_title("Training loss")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def save_quality_curve(quality, milestones, path):
+    """PSNR of the one-step output during training against wall time, with the run's milestones marked.
+
+    quality: {"t", "step", "seconds", "psnr_db"} as ddpm_train.py logs it;
+    milestones: (dB, step, seconds) of the first check that reached each level.
+    """
+    fig = _new_figure(10, 5)
+    ax = fig.add_subplot()
+    ax.plot(quality["seconds"], quality["psnr_db"], color="tab:green", marker="o", markersize=3, linewidth=1.5,
+            label=f"one-step output at t = {quality['t']}")
+    for db, step, seconds in milestones:
+        ax.axhline(db, color="gray", linewidth=0.8, linestyle="--")
+        ax.annotate(f"{db:g} dB: step {step}, {seconds:.0f} s", (seconds, db), xytext=(8, -14),
+                    textcoords="offset points", fontsize=9)
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("PSNR against the image (dB)")
+    ax.set_title("Quality during training")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
     fig.tight_layout()
     _save(fig, path)
 

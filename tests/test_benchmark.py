@@ -143,9 +143,13 @@ def test_ablations_compare_each_measure_against_the_default_step(tmp_path):
     x0 = torch.zeros(1, 3, 32, 32)
     per_tensor = ablations.default_trainer(x0, 2, trainer_class=ablations.PerTensorTrainer)
     assert not per_tensor.optimizer.defaults["fused"] and per_tensor.optimizer.defaults["foreach"] is False
+    norm, x = torch.nn.GroupNorm(8, 16), torch.randn(1, 16, 8, 8).to(memory_format=torch.channels_last)
+    reference = norm(x)
+    norm.__class__ = ablations.GroupNormOnNCHW  # the same normalisation, on a copy in the other layout
+    assert torch.allclose(norm(x), reference, atol=1e-6) and norm(x).is_contiguous(memory_format=torch.channels_last)
     rows = ablations.main(["--size", "32", "--rounds", "2", "--steps", "1", "--warmup", "1",
                            "--json", str(tmp_path / "a.json")])
-    assert len(rows) == 3
+    assert len(rows) == 4
     for row in rows.values():
         assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"] and row["baseline_ms"] > 0
     allocator = rows["malloc defaults instead of keep_freed_memory()"]

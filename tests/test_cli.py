@@ -280,7 +280,7 @@ def test_eval_every_zero_skips_the_quality_checks(tmp_path, tiny_image, monkeypa
                                       "--device", "cpu", *TINY_NET, monkeypatch=monkeypatch, capsys=capsys)
     assert status == 0, err
     assert json.loads((tmp_path / "m.json").read_text())["quality"]["step"] == []
-    assert "PSNR of one-step" not in out
+    assert "PSNR of one-step" not in out and not (tmp_path / "m_psnr.png").exists()
 
 
 TRAINING_STEPS_FAULTS = """

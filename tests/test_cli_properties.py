@@ -71,7 +71,7 @@ def test_train_any_valid_tiny_run_succeeds(tmp_path, tiny_image, monkeypatch, ca
     assert status == 0, err
     assert torch.load(ckpt, weights_only=True)["train"]["step"] == train_steps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.pth", "m_loss.png", "m_loss_by_noise.png",
-                                                          "tiny.png"]
+                                                          "m_psnr.png", "tiny.png"]
 
 
 @SETTINGS

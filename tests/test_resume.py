@@ -136,7 +136,8 @@ def test_save_every_writes_snapshots_and_the_finished_run_removes_them(tmp_path,
                                       monkeypatch=monkeypatch, capsys=capsys)
     assert status == 0, err
     assert written == [(3, True), (6, True), (7, False)]
-    assert sorted(os.listdir(tmp_path)) == ["m.json", "m.pth", "m_loss.png", "m_loss_by_noise.png", "tiny.png"]
+    assert sorted(os.listdir(tmp_path)) == ["m.json", "m.pth", "m_loss.png", "m_loss_by_noise.png", "m_psnr.png",
+                                            "tiny.png"]
 
 
 def test_divergence_is_one_error_line_and_the_old_checkpoint_survives(tmp_path, tiny_image, monkeypatch, capsys):

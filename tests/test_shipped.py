@@ -18,6 +18,7 @@ FIGURES = ["images/inference_result.png", "images/noise_sweep.png", "images/deno
            "images/denoise_trajectory.gif", "images/inference_result_10_steps.png", "images/full_noise_result.png",
            "images/full_noise_trajectory.png", "images/full_noise_trajectory.gif"]
 RUN_FILES = ["model_ckpt/demo_unet_loss.png", "model_ckpt/demo_unet_loss_by_noise.png", "model_ckpt/demo_unet.json",
+             "model_ckpt/demo_unet_psnr.png",
              "model_ckpt/demo_unet_full_noise_loss.png", "model_ckpt/demo_unet_full_noise_loss_by_noise.png",
              "model_ckpt/demo_unet_full_noise.json"]
 MAX_SHIPPED_BYTES = 20 * 1024 * 1024
@@ -114,6 +115,40 @@ def test_full_noise_model_regenerates_the_picture_from_pure_noise_as_quoted():
         assert float(quoted.group(1)) == pytest.approx(output, abs=0.01)
 
 
+def test_readmes_quote_the_training_run_as_its_record_has_it():
+    """Time, loss and the PSNR milestones of the default run, as model_ckpt/demo_unet.json recorded them."""
+    record = json.load(open(CHECKPOINT[: -len(".pth")] + ".json"))
+    milestones = [(m["psnr_db"], m["step"], round(m["seconds"])) for m in record["psnr_milestones"]]
+    assert [m[0] for m in milestones] == [30.0, 35.0, 38.0]
+    final = record["quality"]["psnr_db"][-1]
+    english = " ".join(readme("README.en.md").split())
+    assert f"took {round(record['wall_time_s'])} s" in english
+    assert f"a loss of {record['final_loss']:.6f}" in english
+    for db, step, sec in milestones:
+        assert f"{db:g} dB at step {step} ({sec} s)" in english.replace("**", "")
+    assert f"ended at {final:.2f} dB" in english
+    chinese = "".join(readme("README.md").split())
+    assert f"用时{round(record['wall_time_s'])}秒" in chinese and f"最终损失{record['final_loss']:.6f}" in chinese
+    for db, step, sec in milestones:
+        assert f"在第{step}步（{sec}秒）" in chinese.replace("**", "") and f"{db:g}dB" in chinese
+    assert f"最后达到{final:.2f}dB" in chinese
+
+
 def test_result_figure_is_a_three_panel_png_about_1500_px_wide():
     image = Image.open(os.path.join(REPO, "images", "inference_result.png"))
     assert image.format == "PNG" and 1400 <= image.width <= 1600 and image.height < image.width / 2
+
+
+@pytest.mark.parametrize("name", ["README.md", "README.en.md"])
+def test_readmes_show_the_shipped_benchmark_results_as_measured(name):
+    """The tables in the Speed section are exactly what benchmarks/benchmark.py and ablations.py wrote."""
+    from benchmarks import ablations, benchmark
+
+    results = json.load(open(os.path.join(REPO, "benchmarks", "results.json")))
+    assert results["command"] == "python benchmarks/benchmark.py"  # the README's command, defaults
+    for size, table in results["sizes"].items():
+        assert benchmark.format_table(size, table, results["settings"]["quality_steps"]) in readme(name)
+    inference = results["infer"]
+    assert f"ratio {inference['ratio']:.2f}" in readme(name)
+    rows = json.load(open(os.path.join(REPO, "benchmarks", "ablations.json")))["rows"]
+    assert ablations.format_table(rows) in readme(name)

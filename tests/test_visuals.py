@@ -71,7 +71,7 @@ def test_training_writes_plots_and_a_run_record(tmp_path, tiny_image, monkeypatc
     status, out, err = run_in_process(TRAIN, "--image_path", tiny_image, "--model_save_path", tmp_path / "m.pth",
                                       *QUICK, "--seed", 5, monkeypatch=monkeypatch, capsys=capsys)
     assert status == 0, err
-    for name in ("m_loss.png", "m_loss_by_noise.png"):
+    for name in ("m_loss.png", "m_loss_by_noise.png", "m_psnr.png"):
         assert Image.open(tmp_path / name).format == "PNG"
     record = json.loads((tmp_path / "m.json").read_text())
     assert record["seed"] == 5 and record["train_steps"] == 30 and record["device"] == "cpu"

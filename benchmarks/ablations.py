@@ -20,7 +20,6 @@ taken round by round, as in benchmark.py, so drift of the machine cancels.
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -34,11 +33,13 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from models.cli import keep_freed_memory  # noqa: E402
+from benchmarks.benchmark import write_results  # noqa: E402
+from models.cli import ArgumentParser, int_in_range, keep_freed_memory, run  # noqa: E402
+from models.files import check_writable  # noqa: E402
 from models.diffusion import NoiseSchedule  # noqa: E402
 from models.imaging import load_image  # noqa: E402
 from models.training import Trainer  # noqa: E402
-from models.unet_model import UNet  # noqa: E402
+from models.unet_model import UNet, side_fits  # noqa: E402
 
 IMAGE = REPO / "images" / "demo.png"
 
@@ -148,19 +149,22 @@ def format_table(rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", type=int, default=256, help="image side, px")
-    parser.add_argument("--rounds", type=int, default=8, help="alternating rounds per comparison")
-    parser.add_argument("--steps", type=int, default=5, help="training steps per variant per round")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int_in_range(16, 1024), default=256, help="image side, px (a multiple of 8)")
+    parser.add_argument("--rounds", type=int_in_range(1, 1000), default=8, help="alternating rounds per comparison")
+    parser.add_argument("--steps", type=int_in_range(1, 1000), default=5, help="training steps per variant per round")
+    parser.add_argument("--warmup", type=int_in_range(0, 1000), default=3, help="untimed steps first")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile)")
     parser.add_argument("--json", default="benchmarks/ablations.json", help="where to write the results")
     parser.add_argument("--_allocator_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not side_fits(args.size, levels=4):
+        parser.error(f"--size {args.size} does not fit the four-level U-Net (a multiple of 8)")
     if args._allocator_child:
         print(json.dumps(allocator_child(args._allocator_child, args.size, args.steps, args.warmup)))
         return None
 
+    check_writable(args.json, "--json")
     x0 = load_image(str(IMAGE), args.size)
     total = args.warmup + args.rounds * args.steps
     rows = {}
@@ -194,13 +198,9 @@ def main(argv=None):
                f"step at {args.size} px, batch 1, torch {torch.__version__}, {torch.get_num_threads()} threads")
     lines = [command, "", format_table(rows)]
     print("\n".join(lines))
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump({"command": command, "rows": rows}, f, indent=2)
-        f.write("\n")
-    print(f"\nwrote {args.json}")
+    write_results(args.json, {"command": command, "rows": rows})
     return rows
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

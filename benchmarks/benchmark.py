@@ -56,7 +56,11 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from benchmarks import peers  # noqa: E402
-from models.cli import keep_freed_memory, pick_device  # noqa: E402
+from models.cli import (MAX_SEED, ArgumentParser, add_device_argument, int_in_range,  # noqa: E402
+                        keep_freed_memory, pick_device, run)
+from models.errors import UserError  # noqa: E402
+from models.files import atomic_write, check_writable  # noqa: E402
+from models.unet_model import side_fits  # noqa: E402
 from models.diffusion import NoiseSchedule, denoise, training_losses  # noqa: E402
 from models.imaging import load_image  # noqa: E402
 from models.metrics import psnr  # noqa: E402
@@ -357,22 +361,27 @@ def format_table(size, results, quality_steps):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--sizes", default="64,128,256", help="image sides to measure, comma-separated")
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="64,128,256",
+                        help="image sides to measure, comma-separated (multiples of 8 from 16 to 1024)")
     parser.add_argument("--models", default=None,
                         help=f"comma-separated subset of {','.join(peers.MODELS)} (default: all installed)")
-    parser.add_argument("--rounds", type=int, default=12, help="timed rounds; every model runs in each")
-    parser.add_argument("--steps_per_round", type=int, default=3, help="training steps per model per round")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per model before the rounds")
-    parser.add_argument("--quality_steps", type=int, default=300, help="training steps for the equal-steps PSNR")
-    parser.add_argument("--infer_repeats", type=int, default=5, help="runs of ddpm_infer.py to time")
+    parser.add_argument("--rounds", type=int_in_range(1, 1000), default=12,
+                        help="timed rounds; every model runs in each")
+    parser.add_argument("--steps_per_round", type=int_in_range(1, 1000), default=3,
+                        help="training steps per model per round")
+    parser.add_argument("--warmup", type=int_in_range(0, 1000), default=5,
+                        help="untimed steps per model before the rounds")
+    parser.add_argument("--quality_steps", type=int_in_range(1, 100_000), default=300,
+                        help="training steps for the equal-steps PSNR")
+    parser.add_argument("--infer_repeats", type=int_in_range(1, 100), default=5, help="runs of ddpm_infer.py to time")
     parser.add_argument("--skip_memory", action="store_true", help="do not measure peak memory")
     parser.add_argument("--skip_infer", action="store_true", help="do not time ddpm_infer.py")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 32 px, 2 rounds, 10 quality steps, 1 inference run")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of every t and eps")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--seed", type=int_in_range(0, MAX_SEED), default=0,
+                        help="seed of the weights and of every t and eps")
+    add_device_argument(parser)
     parser.add_argument("--json", default="benchmarks/results.json", help="where to write the results")
     parser.add_argument("--_memory_probe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_format", default="contiguous", help=argparse.SUPPRESS)
@@ -383,6 +392,9 @@ def parse_args(argv=None):
         args.sizes = [int(s) for s in args.sizes.split(",")]
     except ValueError:
         parser.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
+    bad = [s for s in args.sizes if not (16 <= s <= 1024 and side_fits(s, levels=4))]
+    if bad:
+        parser.error(f"--sizes: {bad[0]} does not fit the four-level U-Nets (a multiple of 8 from 16 to 1024)")
     names = args.models.split(",") if args.models else peers.available()
     unknown = [n for n in names if n not in peers.MODELS]
     if unknown:
@@ -401,6 +413,7 @@ def main(argv=None):
     if args._memory_probe:
         print(memory_probe(args._memory_probe, args.sizes[0], device, args._format, args.seed))
         return None
+    check_writable(args.json, "--json")  # before half an hour of work, not after
     started = time.perf_counter()
 
     def log(message):
@@ -427,12 +440,19 @@ def main(argv=None):
     report["seconds"] = time.perf_counter() - started
 
     print(format_report(report))
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    print(f"\nwrote {args.json}")
+    write_results(args.json, report)
     return report
+
+
+def write_results(path, data):
+    """Write the results as JSON, atomically; a failure is one error line (the tables are printed already)."""
+    try:
+        with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+    except OSError as exc:
+        raise UserError(f"could not write {path!r} ({exc.strerror or exc}); the results are printed above") from None
+    print(f"\nwrote {path}")
 
 
 def cpu_name():
@@ -476,4 +496,4 @@ def format_report(report):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

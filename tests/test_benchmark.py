@@ -7,9 +7,13 @@ speed: the benchmark measures speed, the tests check how it measures.
 
 import json
 import math
+import os
 
 import pytest
 import torch
+
+from conftest import REPO, run_in_process
+from test_cli import one_error_line
 
 from benchmarks import benchmark, peers
 from models.diffusion import NoiseSchedule
@@ -106,11 +110,29 @@ def test_lucidrains_without_attention_has_no_attention_left():
     assert "LinearAttention" in {type(m).__name__ for m in peers.build("lucidrains+attn").modules()}
 
 
-def test_unknown_or_uninstalled_model_is_a_usage_error(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        benchmark.parse_args(["--models", "ours,unet9000"])
-    assert exit_info.value.code == 2
-    assert "unknown model 'unet9000'" in capsys.readouterr().err
+BENCHMARK = os.path.join(REPO, "benchmarks", "benchmark.py")
+ABLATIONS = os.path.join(REPO, "benchmarks", "ablations.py")
+
+
+@pytest.mark.parametrize("script, args, message", [
+    (BENCHMARK, ["--models", "ours,unet9000"], "unknown model 'unet9000'"),
+    (BENCHMARK, ["--sizes", "60"], "--sizes: 60 does not fit"),
+    (BENCHMARK, ["--sizes", "64,big"], "--sizes must be comma-separated integers"),
+    (BENCHMARK, ["--rounds", "0"], "--rounds: must be an integer from 1 to 1000"),
+    (BENCHMARK, ["--quality_steps", "1e9"], "--quality_steps"),
+    (BENCHMARK, ["--device", "tpu"], "--device"),
+    (BENCHMARK, ["--quick", "--models", "ours", "--json", "README.md/results.json"], "is a file, not a folder"),
+    (BENCHMARK, ["--quick", "--models", "ours", "--json", "."], "is a folder"),
+    (ABLATIONS, ["--size", "20"], "--size 20 does not fit"),
+    (ABLATIONS, ["--steps", "-1"], "--steps"),
+    (ABLATIONS, ["--json", "README.md/a.json"], "is a file, not a folder"),
+])
+def test_benchmark_mistakes_are_one_error_line_and_write_nothing(tmp_path, monkeypatch, capsys, script, args, message):
+    (tmp_path / "README.md").write_text("a file where a folder is expected\n")
+    before = sorted(os.listdir(tmp_path))
+    status, out, err = run_in_process(script, *args, monkeypatch=monkeypatch, capsys=capsys)
+    assert message in one_error_line(status, out, err)
+    assert sorted(os.listdir(tmp_path)) == before
 
 
 def test_quick_run_of_ours_writes_a_complete_report(tmp_path):

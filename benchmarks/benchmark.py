@@ -61,7 +61,7 @@ from models.cli import (MAX_SEED, ArgumentParser, add_device_argument, int_in_ra
 from models.errors import UserError  # noqa: E402
 from models.files import atomic_write, check_writable  # noqa: E402
 from models.unet_model import side_fits  # noqa: E402
-from models.diffusion import NoiseSchedule, denoise, training_losses  # noqa: E402
+from models.diffusion import NoiseSchedule, denoise, seeded_noise, training_losses  # noqa: E402
 from models.imaging import load_image  # noqa: E402
 from models.metrics import psnr  # noqa: E402
 from models.training import Trainer  # noqa: E402
@@ -128,8 +128,7 @@ def matmul_as_conv(a, b, side):
 
 def eval_input(x0, schedule, seed):
     """The noisy image every model is judged on: x0 noised to t = 500 with seeded eps (as ddpm_infer.py)."""
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    return schedule.add_noise(x0, torch.tensor([EVAL_T]), eps)
+    return schedule.add_noise(x0, torch.tensor([EVAL_T]), seeded_noise(x0, seed))
 
 
 def new_trainer(model, x0, schedule, steps, seed, device):

@@ -106,16 +106,19 @@ class Trainer:
             while self.step < self.train_steps and not self.stop_requested:
                 self.train_step()
                 bar.update()
-                if eval_every and (self.step % eval_every == 0 or self.step == self.train_steps):
-                    self.check_finite()
+                last = self.step == self.train_steps
+                due_eval = eval_every and (self.step % eval_every == 0 or last)
+                due_progress = self.step % PROGRESS_EVERY == 0 or last
+                due_save = save_every and self.step % save_every == 0 and not last
+                if due_eval or due_progress or due_save:
+                    self.check_finite()  # one host sync, before anything looks at or saves the model
+                if due_eval:
                     shown = on_eval(self) or {}
                     self.model.train()  # evaluation may have switched the model to eval mode
-                if self.step % PROGRESS_EVERY == 0 or self.step == self.train_steps:
-                    self.check_finite()
+                if due_progress:
                     recent = self.losses[max(self.step - PROGRESS_EVERY, 0) : self.step].mean().item()
                     bar.set_postfix(loss=f"{recent:.5f}", lr=f"{self.lr_schedule.get_last_lr()[0]:.1e}", **shown)
-                if save_every and self.step % save_every == 0 and self.step < self.train_steps:
-                    self.check_finite()
+                if due_save:
                     on_save(self)
         self.check_finite()
         return self.step == self.train_steps

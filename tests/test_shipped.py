@@ -10,6 +10,7 @@ from PIL import Image
 
 from conftest import REPO
 from models import denoise, load_checkpoint, load_image, psnr, ssim
+from models.diffusion import seeded_noise
 
 CHECKPOINT = os.path.join(REPO, "model_ckpt", "demo_unet.pth")
 FULL_NOISE = os.path.join(REPO, "model_ckpt", "demo_unet_full_noise.pth")
@@ -64,7 +65,7 @@ def test_shipped_checkpoints_were_made_by_the_documented_commands(path, max_nois
 def shipped():
     model, schedule, checkpoint = load_checkpoint(CHECKPOINT)
     x0 = load_image(DEMO, checkpoint["data"]["img_size"])
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))  # what ddpm_infer.py draws
+    eps = seeded_noise(x0, 0)  # what ddpm_infer.py draws by default
     return model, schedule, x0, eps
 
 
@@ -103,7 +104,7 @@ def test_readme_sweep_table_matches_the_shipped_model(shipped, w):
 def test_full_noise_model_regenerates_the_picture_from_pure_noise_as_quoted():
     model, schedule, checkpoint = load_checkpoint(FULL_NOISE)
     x0 = load_image(DEMO, checkpoint["data"]["img_size"])
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    eps = seeded_noise(x0, 0)
     x_t = schedule.add_noise(x0, torch.tensor([1000]), eps)
     assert torch.equal(x_t, eps)  # w = 1 at t = T: nothing of the picture is left
     output_image = denoise(model, x_t, 1000, schedule, steps=50)

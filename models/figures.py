@@ -14,9 +14,11 @@ involved.
 """
 
 import numpy as np
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
+from torchvision.utils import make_grid
 
 from .files import atomic_write
 from .imaging import to_pil
@@ -24,6 +26,7 @@ from .imaging import to_pil
 FIGURE_WIDTH_PX = 1500
 DPI = 100
 MAX_TRAJECTORY_COLUMNS = 10
+GRID_PADDING = 4  # px of white between the images that make_grid lays side by side
 
 
 def _new_figure(width_in, height_in):
@@ -108,12 +111,11 @@ def save_trajectory_gif(trajectory, path, frame_ms=250, most_frames=25):
     frames = []
     for index in pick_steps(len(trajectory), most_frames):
         t, w, x, x0_hat = trajectory[index]
+        pair = make_grid(torch.cat([x, x0_hat]), nrow=2, padding=GRID_PADDING, pad_value=1.0)  # (3, H, 2W + pads)
         fig = _new_figure(5.2, 3.0)
-        left, right = fig.subplots(1, 2)
-        _show(left, x, f"x  (t={t}, w={w:.2f})", fontsize=10)
-        _show(right, x0_hat, "x0_hat (prediction)", fontsize=10)
-        fig.suptitle(f"step {index + 1}/{len(trajectory)}", fontsize=11)
-        fig.tight_layout()
+        _show(fig.add_axes((0.02, 0.02, 0.96, 0.8)), pair,
+              f"step {index + 1}/{len(trajectory)}, t={t}, w={w:.2f}\nleft: x (input)   right: x0_hat (prediction)",
+              fontsize=10)
         fig.canvas.draw()
         rgba = np.asarray(fig.canvas.buffer_rgba())
         frames.append(Image.fromarray(rgba[:, :, :3].copy()))

@@ -8,15 +8,17 @@ One pair of converters, named for their ranges:
 Every file becomes an RGB picture as a person sees it: the EXIF orientation
 is applied, transparent pixels are laid on a white background, 16-bit
 grayscale is scaled (not clipped), palette and CMYK images are converted.
-Then the largest centred square is cut out and resized with antialiasing.
+Then the largest centred square is cut out and resized with antialiasing
+(torchvision's ``center_crop`` and ``resize``).
 """
 
 import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode
 
 from .errors import UserError
 from .files import atomic_write, check_readable_file
@@ -46,8 +48,8 @@ def load_image(path, size, warn=None):
     if min(height, width) < size and warn is not None:
         warn(f"{path} is only {width}x{height} px: enlarging it to {size}x{size} will look soft")
     x = torch.from_numpy(rgb).permute(2, 0, 1)[None]  # (1, 3, H, W)
-    x = _center_crop_square(x)  # (1, 3, S, S)
-    x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    x = TF.center_crop(x, [min(height, width)] * 2)  # (1, 3, S, S), the largest centred square
+    x = TF.resize(x, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)  # (1, 3, size, size)
     return unit_to_signed(x.clamp(0.0, 1.0)).contiguous()  # (1, 3, size, size) in [-1, 1]
 
 
@@ -82,14 +84,6 @@ def _to_rgb_array(img):
         img = Image.alpha_composite(background, rgba)
     rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     return rgb
-
-
-def _center_crop_square(x):
-    """(B, C, H, W) -> (B, C, S, S) with S = min(H, W), the centred square."""
-    height, width = x.shape[-2:]
-    side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
-    return x[..., top : top + side, left : left + side]
 
 
 def to_pil(x):

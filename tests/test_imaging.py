@@ -43,8 +43,8 @@ def test_non_square_images_are_centre_cropped(tmp_path):
 
 
 def test_very_non_square_images_keep_their_centre(tmp_path):
-    strip = np.zeros((5, 200, 3), dtype=np.uint8)
-    strip[:, 97:102, 1] = 255  # a green 5x5 square in the middle of a 1:40 black strip
+    strip = np.zeros((5, 201, 3), dtype=np.uint8)
+    strip[:, 98:103, 1] = 255  # a green 5x5 square in the exact middle of a 1:40 black strip
     Image.fromarray(strip).save(tmp_path / "strip.png")
     x = as_unit(load_image(str(tmp_path / "strip.png"), 5))
     assert np.allclose(x, [0.0, 1.0, 0.0], atol=1e-6)

@@ -1,14 +1,18 @@
 """Noise the image, denoise it with the trained U-Net, and show the three side by side.
 
     python ddpm_infer.py                       # the shipped model and image, t = 500 (w = 0.40)
+    python ddpm_infer.py --model_path model_ckpt/my_photo_unet.pth   # your own model, on its own picture
     python ddpm_infer.py --steps 10            # denoise in 10 steps; also draws the trajectory
     python ddpm_infer.py --sweep               # also sweep the noise level from w = 0 to 1
     python ddpm_infer.py --model_path model_ckpt/demo_unet_full_noise.pth --t 1000 --steps 50
 
-Everything about the network comes from the checkpoint. The figure has three
-panels: Ground Truth / Noisy Input / Inference Output, with PSNR and SSIM.
+Everything about the network comes from the checkpoint, and so does the
+picture: without --image_path it is the one the model was trained on (the
+checkpoint records its path and SHA-256). The figure has three panels:
+Ground Truth / Noisy Input / Inference Output, with PSNR and SSIM.
 """
 
+import os
 
 import torch
 
@@ -17,7 +21,7 @@ from models.cli import MAX_SEED, ArgumentParser, add_device_argument, int_in_ran
 from models.diffusion import NUM_TIMESTEPS, denoise, seeded_noise, timestep_grid
 from models.errors import UserError
 from models.figures import save_sweep, save_trajectory, save_trajectory_gif, save_triptych
-from models.files import check_writable
+from models.files import check_writable, file_sha256
 from models.imaging import load_image, save_image
 from models.metrics import psnr, ssim
 
@@ -29,7 +33,9 @@ def parse_args(argv=None):
     parser = ArgumentParser(description="Denoise the image with a trained U-Net and draw the result.")
     parser.add_argument("--img_size", type=int_in_range(1, 2048), default=None,
                         help="side of the square image, px (default: the size the model was trained at)")
-    parser.add_argument("--image_path", default="images/demo.png", help="the ground-truth image")
+    parser.add_argument("--image_path", default=None,
+                        help="the ground-truth image (default: the one the model was trained on, as its "
+                             "checkpoint records it)")
     parser.add_argument("--model_path", default="model_ckpt/demo_unet.pth", help="checkpoint written by ddpm_train.py")
     parser.add_argument("--result_path", default="images/inference_result.png", help="where to write the figure")
     parser.add_argument("--output_path", default=None,
@@ -56,6 +62,7 @@ def main():
     device = pick_device(args.device)
     model, schedule, checkpoint = load_checkpoint(args.model_path, device)
     img_size = resolve_img_size(args.img_size, checkpoint["data"]["img_size"])
+    args.image_path = resolve_image_path(args.image_path, checkpoint["data"])
     steps = args.steps or 1
     check_steps(args.t, steps)
     check_outputs(args, steps)
@@ -84,6 +91,29 @@ def resolve_img_size(requested, trained):
             f"(leave --img_size out, or pass {trained})"
         )
     return trained
+
+
+def resolve_image_path(requested, trained_on):
+    """The picture to noise and compare with: --image_path, or else the one the model was trained on.
+
+    ``trained_on`` is the checkpoint's "data": the training image's path and SHA-256. A model has
+    memorised its own picture; shown another one, it pulls the output towards its own (a warning).
+    """
+    path, sha256 = trained_on.get("image_path"), trained_on.get("image_sha256")
+    if requested is not None:
+        if sha256 and os.path.isfile(requested) and file_sha256(requested) != sha256:
+            warn(f"this model was trained on {path!r}, not on {requested!r}: it memorised that picture "
+                 "and will pull the output towards it")
+        return requested
+    if path is None:
+        raise UserError("the checkpoint does not record the image it was trained on; pass one with --image_path")
+    if not os.path.isfile(path):
+        raise UserError(f"the model was trained on {path!r}, which is not there (restore it, or pass the "
+                        "picture with --image_path)")
+    if sha256 and file_sha256(path) != sha256:
+        raise UserError(f"{path!r} has changed since the model was trained on it (restore it, or pass it "
+                        "with --image_path to denoise it anyway)")
+    return path
 
 
 def check_steps(t, steps):

@@ -1,7 +1,7 @@
 """Train the U-Net to denoise ONE image, and save a self-describing checkpoint.
 
     python ddpm_train.py                      # the shipped model: 256 px, 3000 steps
-    python ddpm_train.py --img_size 64 --train_steps 500 --model_save_path model_ckpt/small.pth
+    python ddpm_train.py --image_path my_photo.jpg --img_size 128    # -> model_ckpt/my_photo_unet.pth
     python ddpm_train.py --resume model_ckpt/demo_unet.resume.pth    # continue a stopped run
 
 Each step noises the image as x_t = (1 - w) * x0 + w * eps at a random t and
@@ -12,6 +12,10 @@ While it runs, a resumable snapshot is kept beside the checkpoint
 (demo_unet.resume.pth for demo_unet.pth): every --save_every steps, and when
 you press Ctrl-C. The finished model replaces the checkpoint only at the
 end, and the snapshot is then deleted.
+
+Each picture gets its own checkpoint, model_ckpt/<image stem>_unet.pth,
+unless --model_save_path says otherwise; a checkpoint of another picture is
+never replaced without that flag.
 """
 
 import argparse
@@ -24,7 +28,7 @@ import time
 
 import torch
 
-from models.checkpoint import load_checkpoint, save_checkpoint
+from models.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from models.cli import (MAX_SEED, ArgumentParser, add_device_argument, channel_multipliers, fraction,
                         int_in_range, pick_device, positive_float, run, stop_on_sigint, warn)
 from models.diffusion import DEFAULT_MAX_NOISE, NoiseSchedule, denoise, seeded_noise
@@ -33,13 +37,14 @@ from models.figures import save_loss_by_noise, save_loss_curve, save_quality_cur
 from models.files import atomic_write, check_writable, file_sha256
 from models.imaging import load_image
 from models.metrics import psnr
-from models.training import NonFiniteLoss, Trainer
+from models.training import WARMUP_STEPS, NonFiniteLoss, Trainer
 from models.unet_model import UNet, check_image_size
 
 # The flags that define a run: a resumed run takes them from its checkpoint.
 RUN_SETTINGS = ("img_size", "batch_size", "train_steps", "lr", "image_path", "seed", "base_channels",
                 "channel_mults", "max_noise")
 EXIT_INTERRUPTED = 130  # the shell's code for "stopped by Ctrl-C"
+MODEL_FOLDER = "model_ckpt"  # where a picture's model goes by default: <folder>/<image stem>_unet.pth
 EVAL_T, EVAL_NOISE_SEED = 500, 0  # the quality check denoises what `python ddpm_infer.py` does by default
 PSNR_MILESTONES = (30.0, 35.0, 38.0)  # dB; the summary says when the run first reached each
 
@@ -47,17 +52,21 @@ PSNR_MILESTONES = (30.0, 35.0, 38.0)  # dB; the summary says when the run first 
 def build_parser():
     parser = ArgumentParser(description="Train the time-embedded U-Net to denoise one image.")
     parser.add_argument("--img_size", type=int_in_range(1, 2048), default=256,
-                        help="side of the square training image, px")
+                        help="side of the square training image, px; with L levels a multiple of 2^(L-1), "
+                             "at least 2^L")
     parser.add_argument("--batch_size", type=int_in_range(1, 64), default=1,
                         help="noisy copies of the image per step, each at its own t")
     parser.add_argument("--train_steps", type=int_in_range(1, 1_000_000), default=3000, help="optimizer steps")
     parser.add_argument("--lr", type=positive_float, default=1e-3,
-                        help="peak learning rate (warm-up, then cosine decay to 0)")
+                        help=f"peak learning rate: linear warm-up over min({WARMUP_STEPS} steps, 10%% of the run), "
+                             "then cosine decay to 0")
     parser.add_argument("--image_path", default="images/demo.png", help="the image to learn")
-    parser.add_argument("--model_save_path", default="model_ckpt/demo_unet.pth", help="where to write the checkpoint")
+    parser.add_argument("--model_save_path", default=None,
+                        help="where to write the checkpoint; each picture gets its own, so the shipped model "
+                             f"stays as it is (default: {MODEL_FOLDER}/<image stem>_unet.pth)")
     parser.add_argument("--seed", type=int_in_range(0, MAX_SEED), default=0, help="seed for the weights, t and noise")
     parser.add_argument("--base_channels", type=int_in_range(8, 1024), default=16,
-                        help="U-Net width at full resolution (a multiple of 8)")
+                        help="U-Net width at full resolution, a multiple of 8")
     parser.add_argument("--channel_mults", type=channel_multipliers, default="1,2,4,8",
                         help="width of each U-Net level as a multiple of base_channels; one level per entry")
     parser.add_argument("--max_noise", type=fraction, default=DEFAULT_MAX_NOISE,
@@ -96,6 +105,25 @@ def companion_paths(model_save_path):
         "quality_curve": f"{root}_psnr.png",
         "record": f"{root}.json",
     }
+
+
+def default_save_path(image_path):
+    """model_ckpt/<image stem>_unet.pth: one model per picture (images/demo.png -> model_ckpt/demo_unet.pth)."""
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    return os.path.join(MODEL_FOLDER, f"{stem}_unet.pth")
+
+
+def keep_another_pictures_model(path, image_sha256):
+    """Refuse a default save path that holds the model of another picture (a photo that shares its file name)."""
+    if not os.path.exists(path):
+        return
+    try:
+        trained_on = read_checkpoint(path)["data"]
+    except UserError:  # not a checkpoint of ours: not ours to replace either
+        trained_on = {}
+    if trained_on.get("image_sha256") != image_sha256:
+        raise UserError(f"{path!r} holds the model of another picture ({trained_on.get('image_path', 'unknown')}), "
+                        "so it is kept; choose where this model goes with --model_save_path")
 
 
 def new_model(args):
@@ -225,8 +253,8 @@ def train_until_done_or_stopped(trainer, args, record, snapshot_path, x0):
     """Run the trainer with periodic snapshots; True if it finished, False if Ctrl-C stopped it."""
     try:
         with stop_on_sigint(trainer):
-            print(f"training {args.train_steps - trainer.step} steps on {record.device}; "
-                  f"Ctrl-C saves a snapshot to {snapshot_path}", flush=True)
+            print(f"training {args.train_steps - trainer.step} steps on {record.device}; the model will go to "
+                  f"{args.model_save_path}; Ctrl-C saves a snapshot to {snapshot_path}", flush=True)
             return trainer.run(save_every=args.save_every,
                                on_save=lambda t: record.save(snapshot_path, t, resumable=True),
                                eval_every=args.eval_every, on_eval=lambda t: record.evaluate(t, x0))
@@ -239,12 +267,17 @@ def main():
     args, typed = parse_args()
     device = pick_device(args.device)
     model, snapshot = open_snapshot(args, typed, device) if args.resume else (new_model(args), None)
+    chosen_path = args.model_save_path is not None  # typed, or the resumed run's
+    args.model_save_path = args.model_save_path or default_save_path(args.image_path)
     paths = companion_paths(args.model_save_path)
     snapshot_path = paths["snapshot"]
     for name, path in {"--model_save_path": args.model_save_path, **paths}.items():
         check_writable(path, name, inputs=[args.image_path])
     x0 = load_image(args.image_path, args.img_size, warn=warn)
-    record = RunRecord(args, device, file_sha256(args.image_path), earlier=snapshot["train"] if snapshot else None)
+    image_sha256 = file_sha256(args.image_path)
+    if not chosen_path:
+        keep_another_pictures_model(args.model_save_path, image_sha256)
+    record = RunRecord(args, device, image_sha256, earlier=snapshot["train"] if snapshot else None)
 
     # channels_last lets the CPU and GPU convolution kernels skip layout shuffles
     model = model.to(device, memory_format=torch.channels_last)

@@ -1,6 +1,6 @@
 """The checkpoint file: self-describing, written atomically, loaded safely.
 
-Layout (DESIGN.md section 3), plain Python data and tensors only:
+Layout, plain Python data and tensors only:
 
     {"format": "ddpm-demo-unet", "version": 1,
      "model_config": {...},           # UNet(**model_config) rebuilds the network
@@ -74,7 +74,7 @@ def load_checkpoint(path, device="cpu"):
     Returns (model in eval mode on ``device``, NoiseSchedule, the checkpoint dict).
     Raises UserError, naming the file and the fix, for anything else.
     """
-    checkpoint = _read_checkpoint_dict(path)
+    checkpoint = read_checkpoint(path)
     try:
         with torch.device("meta"):  # shapes only: the weights come from the file, so skip random init
             model = UNet(**checkpoint["model_config"])
@@ -96,8 +96,9 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device).eval(), schedule, checkpoint
 
 
-def _read_checkpoint_dict(path):
-    """torch.load(weights_only=True) with the file checks and format checks in plain words."""
+def read_checkpoint(path):
+    """The checkpoint dict, without building its network: torch.load(weights_only=True) with the
+    file checks and format checks in plain words (UserError for anything that is not ours)."""
     check_readable_file(path, "checkpoint", "train one with ddpm_train.py, or check --model_path")
     with open(path, "rb") as f:
         head = f.read(64)

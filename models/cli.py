@@ -18,11 +18,22 @@ import torch
 from .errors import UserError
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Adds '(default: ...)' to each flag's help, except where the help already says it."""
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds the values a flag accepts and '(default: ...)' to each flag's help.
+
+    The accepted values come from the flag's type (its ``accepts`` text, set by
+    the type functions below), so --help and the checks can never disagree.
+    """
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        text = action.help or ""
+        accepts = getattr(action.type, "accepts", None)
+        if accepts:
+            text += f" [{accepts}]"
+        shows_default = action.default not in (None, argparse.SUPPRESS) and not isinstance(action.default, bool)
+        if shows_default and "%(default)" not in text:  # an on/off switch needs no "(default: False)"
+            text += " (default: %(default)s)"
+        return text
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -53,6 +64,7 @@ def int_in_range(low, high):
             raise argparse.ArgumentTypeError(f"must be an integer from {low} to {high}, got {value}")
         return value
 
+    parse.accepts = f"{low} to {high}"
     return parse
 
 
@@ -81,6 +93,11 @@ def channel_multipliers(text):
     if not 1 <= len(values) <= 8 or any(not 1 <= v <= 64 for v in values):
         raise argparse.ArgumentTypeError(f"must be 1 to 8 integers from 1 to 64, got {text!r}")
     return values
+
+
+positive_float.accepts = "above 0"
+fraction.accepts = "above 0, at most 1"
+channel_multipliers.accepts = "1 to 8 levels, each 1 to 64"
 
 
 def _parse(kind, text, description):

@@ -47,17 +47,32 @@ def test_help_lists_every_flag_with_its_default(monkeypatch, capsys):
     assert status == 0
     for flag, default in [("--img_size", "256"), ("--batch_size", "1"), ("--train_steps", "3000"),
                           ("--lr", "0.001"), ("--image_path", "images/demo.png"),
-                          ("--model_save_path", "model_ckpt/demo_unet.pth"), ("--seed", "0"),
+                          ("--model_save_path", "model_ckpt/<image stem>_unet.pth"), ("--seed", "0"),
                           ("--device", "auto"), ("--base_channels", "16"), ("--channel_mults", "1,2,4,8")]:
         assert re.search(re.escape(flag) + r".*?\(default: " + re.escape(default) + r"\)", out, re.S), flag
     status, out, _ = run_in_process(INFER, "--help", monkeypatch=monkeypatch, capsys=capsys)
     out = " ".join(out.split())
     assert status == 0
-    for flag, default in [("--img_size", "the size the"), ("--image_path", "images/demo.png"),
+    for flag, default in [("--img_size", "the size the"), ("--image_path", "the one the model was trained on"),
                           ("--model_path", "model_ckpt/demo_unet.pth"),
                           ("--result_path", "images/inference_result.png"), ("--output_path", "not saved"),
                           ("--t", "500"), ("--seed", "0"), ("--device", "auto")]:
         assert re.search(re.escape(flag) + r".*?\(default: " + re.escape(default), out, re.S), flag
+
+
+def test_help_states_the_accepted_values_and_the_warm_up(monkeypatch, capsys):
+    """--help says what each checked flag accepts, from the same type functions that check it."""
+    status, out, _ = run_in_process(TRAIN, "--help", monkeypatch=monkeypatch, capsys=capsys)
+    out = " ".join(out.split())
+    assert status == 0
+    for flag, accepted in [("--img_size", "1 to 2048"), ("--batch_size", "1 to 64"), ("--train_steps", "1 to 1000000"),
+                           ("--seed", f"0 to {2**32 - 1}"), ("--base_channels", "8 to 1024"),
+                           ("--channel_mults", "1 to 8 levels, each 1 to 64"), ("--max_noise", "above 0, at most 1"),
+                           ("--lr", "above 0")]:
+        assert re.search(re.escape(flag) + r" [A-Z_]+ [^[]*\[" + re.escape(accepted) + r"\]", out), flag
+    assert "warm-up over min(100 steps, 10% of the run)" in out
+    status, out, _ = run_in_process(INFER, "--help", monkeypatch=monkeypatch, capsys=capsys)
+    assert "[0 to 1000]" in " ".join(out.split())
 
 
 def one_error_line(status, out, err):

@@ -1,6 +1,6 @@
 """The noise process: every formula of the demo, in one place.
 
-Convention (DESIGN.md section 1; images are float tensors in [-1, 1]):
+Convention (images are float tensors in [-1, 1]):
 
     w(t)  = max_noise * t / T                      noise weight, t in {0, ..., T}
     x_t   = (1 - w(t)) * x0 + w(t) * eps           forward (noising) process, eps ~ N(0, I)
@@ -105,7 +105,7 @@ def timestep_grid(t_start, steps):
 
 @torch.inference_mode()
 def denoise(model, x_t, t_start, schedule, steps=1, trajectory=None):
-    """Denoise x_t, noised to the level of timestep t_start, in ``steps`` steps (DESIGN.md section 1).
+    """Denoise x_t, noised to the level of timestep t_start, in ``steps`` steps.
 
     At each s_k of timestep_grid(t_start, steps), k = N, ..., 1:
 

@@ -2,10 +2,12 @@
 
 It owns nothing of the noise process. It is given a noisy image ``x_t`` and the
 integer timestep ``t`` and returns an image of the same shape; how ``x_t`` was
-made and what ``t`` means live in ``models/diffusion.py`` (STYLE.md, rule 1).
+made and what ``t`` means live in ``models/diffusion.py``.
 
 The layout follows the U-Net of DDPM (Ho et al. 2020, appendix B), which in
-turn follows PixelCNN++ and the original U-Net (Ronneberger et al. 2015):
+turn follows PixelCNN++ and the original U-Net (Ronneberger et al. 2015),
+scaled down for one image on a laptop: one ResBlock per level instead of two,
+no self-attention at 16x16 and no dropout:
 
     timestep t --sinusoidal embedding--> MLP --> temb (injected into every ResBlock)
 

@@ -1,7 +1,13 @@
 """Unit tier: the formulas of models/diffusion.py against numbers worked by hand."""
 
+import math
+import os
+import re
+
 import pytest
 import torch
+
+from conftest import REPO
 
 from models.diffusion import NoiseSchedule, denoise, timestep_grid, training_losses
 
@@ -14,11 +20,27 @@ def test_default_schedule_is_the_original_notes():
 
 
 def test_single_pixel_example_of_the_readme():
-    # x0 = 100, eps = 10, w = 0.5  ->  x_t = 0.5 * 100 + 0.5 * 10 = 55
+    # x0 = 0.6, eps = 0.3, w = 0.5  ->  x_t = 0.5 * 0.6 + 0.5 * 0.3 = 0.45, at the code's scale
     schedule = NoiseSchedule()
     t = torch.tensor([625])  # w = 0.8 * 625 / 1000 = 0.5
-    x_t = schedule.add_noise(torch.full((1, 1, 1, 1), 100.0), t, torch.full((1, 1, 1, 1), 10.0))
-    assert x_t.item() == pytest.approx(55.0)
+    x_t = schedule.add_noise(torch.full((1, 1, 1, 1), 0.6), t, torch.full((1, 1, 1, 1), 0.3))
+    assert x_t.item() == pytest.approx(0.45)
+
+
+@pytest.mark.parametrize("name", ["README.md", "README.en.md"])
+def test_single_pixel_table_of_the_readme(name):
+    """Each row: a guess for x0, the noise it needs to give x_t = 0.45 at w = 0.5, and that noise's
+    N(0, 1) density relative to eps = 0, recomputed with the code's own noising formula."""
+    text = open(os.path.join(REPO, name), encoding="utf-8").read()
+    rows = re.findall(r"^\| (-?[\d.]+) \| (-?[\d.]+) \| ([\d.]+) \|$", text, re.M)
+    assert [float(guess) for guess, _, _ in rows] == [-1.0, 0.0, 0.6, 0.9, 1.0]
+    schedule, t = NoiseSchedule(), torch.tensor([625])
+    for guess, needed, density in rows:
+        x0 = torch.full((1, 1, 1, 1), float(guess))
+        eps = (0.45 - (1 - schedule.w(625)) * float(guess)) / schedule.w(625)  # solve x_t = (1 - w) x0 + w eps
+        assert schedule.add_noise(x0, t, torch.full((1, 1, 1, 1), eps)).item() == pytest.approx(0.45)
+        assert float(needed) == pytest.approx(eps, abs=0.005)
+        assert float(density) == pytest.approx(math.exp(-eps**2 / 2), abs=0.005)
 
 
 def test_add_noise_uses_one_weight_per_image():

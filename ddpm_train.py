@@ -117,13 +117,13 @@ def keep_another_pictures_model(path, image_sha256):
     """Refuse a default save path that holds the model of another picture (a photo that shares its file name)."""
     if not os.path.exists(path):
         return
+    keep = "so it is kept; choose where this model goes with --model_save_path"
     try:
         trained_on = read_checkpoint(path)["data"]
     except UserError:  # not a checkpoint of ours: not ours to replace either
-        trained_on = {}
+        raise UserError(f"{path!r} exists and is not a checkpoint of this project, {keep}") from None
     if trained_on.get("image_sha256") != image_sha256:
-        raise UserError(f"{path!r} holds the model of another picture ({trained_on.get('image_path', 'unknown')}), "
-                        "so it is kept; choose where this model goes with --model_save_path")
+        raise UserError(f"{path!r} holds the model of another picture ({trained_on.get('image_path')}), {keep}")
 
 
 def new_model(args):

@@ -80,7 +80,8 @@ def test_a_file_that_is_not_a_checkpoint_is_not_replaced_either(tmp_path, monkey
     with open("model_ckpt/photo_unet.pth", "wb") as f:
         f.write(b"someone's notes")
     status, _, err = train("--image_path", photo(tmp_path / "photo.png", seed=1), monkeypatch=monkeypatch, capsys=capsys)
-    assert status == 2 and "holds the model of another picture" in err
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "exists and is not a checkpoint of this project, so it is kept" in err and "--model_save_path" in err
     assert open("model_ckpt/photo_unet.pth", "rb").read() == b"someone's notes"
 
 

@@ -5,6 +5,8 @@
     python ddpm_infer.py --steps 10            # denoise in 10 steps; also draws the trajectory
     python ddpm_infer.py --sweep               # also sweep the noise level from w = 0 to 1
     python ddpm_infer.py --model_path model_ckpt/demo_unet_full_noise.pth --t 1000 --steps 50
+    python ddpm_infer.py --model_path model_ckpt/demo_unet_full_noise.pth --t 1000 --steps 50 --eta 1
+                                               # DDPM's ancestral sampling: fresh noise at every step
 
 Everything about the network comes from the checkpoint, and so does the
 picture: without --image_path it is the one the model was trained on (the
@@ -17,8 +19,9 @@ import os
 import torch
 
 from models.checkpoint import load_checkpoint
-from models.cli import MAX_SEED, ArgumentParser, add_device_argument, int_in_range, pick_device, run, warn
-from models.diffusion import NUM_TIMESTEPS, denoise, seeded_noise, timestep_grid
+from models.cli import (MAX_SEED, ArgumentParser, add_device_argument, int_in_range, pick_device, run, warn,
+                        zero_to_one)
+from models.diffusion import NUM_TIMESTEPS, denoise, noise_stream, timestep_grid
 from models.errors import UserError
 from models.figures import save_sweep, save_trajectory, save_trajectory_gif, save_triptych
 from models.files import check_writable, file_sha256
@@ -52,7 +55,11 @@ def parse_args(argv=None):
     parser.add_argument("--sweep", action="store_true",
                         help="also denoise at every noise level w = 0, 0.1, ..., 1 and plot PSNR against w")
     parser.add_argument("--sweep_path", default="images/noise_sweep.png", help="where the sweep figure goes")
-    parser.add_argument("--seed", type=int_in_range(0, MAX_SEED), default=0, help="seed for the noise eps")
+    parser.add_argument("--eta", type=zero_to_one, default=0.0,
+                        help="fresh noise per step: 0 is the deterministic DDIM step, 1 is DDPM's ancestral "
+                             "sampling (models/diffusion.py, ddim_step)")
+    parser.add_argument("--seed", type=int_in_range(0, MAX_SEED), default=0,
+                        help="seed for the noise eps, and for the fresh noise of --eta above 0")
     add_device_argument(parser)
     return parser.parse_args(argv)
 
@@ -67,12 +74,14 @@ def main():
     check_steps(args.t, steps)
     check_outputs(args, steps)
     x0 = load_image(args.image_path, img_size, warn=warn)
-    eps = seeded_noise(x0, args.seed)
+    noise = noise_stream(args.seed)  # eps first, then the sampler's fresh noise (with --eta above 0)
+    eps = torch.randn(x0.shape, generator=noise)
 
     x_t = schedule.add_noise(x0, torch.tensor([args.t]), eps)  # (1, 3, H, W)
     trajectory = []
-    x0_hat = denoise(model, x_t.to(device), args.t, schedule, steps, trajectory).cpu()
-    report(args, steps, schedule.w(args.t), x0, x_t, x0_hat, f"img_size={img_size}  device={device}")
+    x0_hat = denoise(model, x_t.to(device), args.t, schedule, steps, trajectory, eta=args.eta, generator=noise).cpu()
+    report(args, steps, schedule.w(args.t), x0, x_t, x0_hat,
+           (f"eta={args.eta:g}  " if args.eta else "") + f"img_size={img_size}  device={device}")
     if steps > 1:
         save_trajectory(trajectory, args.trajectory_path)
         print(f"saved {args.trajectory_path}")
@@ -80,7 +89,7 @@ def main():
         save_trajectory_gif(trajectory, args.gif)
         print(f"saved {args.gif}")
     if args.sweep:
-        sweep(model, schedule, x0, eps, device, args.steps or SWEEP_STEPS, args.sweep_path)
+        sweep(model, schedule, x0, eps, device, args.steps or SWEEP_STEPS, args.sweep_path, args.eta, noise)
 
 
 def resolve_img_size(requested, trained):
@@ -155,7 +164,7 @@ def report(args, steps, w, x0, x_t, x0_hat, setting):
     print(f"saved {args.result_path}" + (f" and {args.output_path}" if args.output_path else ""))
 
 
-def sweep(model, schedule, x0, eps, device, steps, path):
+def sweep(model, schedule, x0, eps, device, steps, path, eta=0.0, noise=None):
     """Denoise the same noise at w = 0, 0.1, ..., 1; draw the columns and PSNR against w; print the table.
 
     The model's timestep for a weight w is t = w * T / max_noise (schedule.timestep_for).
@@ -166,8 +175,8 @@ def sweep(model, schedule, x0, eps, device, steps, path):
         t = schedule.timestep_for(target_w)
         w = schedule.w(t)
         x_t = schedule.add_noise(x0, torch.tensor([t]), eps)
-        one = denoise(model, x_t.to(device), t, schedule, 1).cpu()
-        many = denoise(model, x_t.to(device), t, schedule, min(steps, max(t, 1))).cpu()
+        one = denoise(model, x_t.to(device), t, schedule, 1).cpu()  # one step: eta plays no part
+        many = denoise(model, x_t.to(device), t, schedule, min(steps, max(t, 1)), eta=eta, generator=noise).cpu()
         noisy_shown = x_t.clamp(-1, 1)
         rows.append((w, t, *[f(img, x0) for img in (noisy_shown, one, many) for f in (psnr, ssim)]))
         columns.append((f"w={w:.1f}\nt={t}" + (" (unseen)" if t > schedule.num_timesteps else ""),

@@ -84,6 +84,14 @@ def fraction(text):
     return value
 
 
+def zero_to_one(text):
+    """argparse type: a number from 0 to 1 inclusive."""
+    value = _parse(float, text, "a number")
+    if not 0 <= value <= 1:  # also false for nan
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text!r}")
+    return value
+
+
 def channel_multipliers(text):
     """argparse type: 1 to 8 comma-separated integers from 1 to 64, such as '1,2,4,8'."""
     try:
@@ -97,6 +105,7 @@ def channel_multipliers(text):
 
 positive_float.accepts = "above 0"
 fraction.accepts = "above 0, at most 1"
+zero_to_one.accepts = "0 to 1"
 channel_multipliers.accepts = "1 to 8 levels, each 1 to 64"
 
 

@@ -73,9 +73,14 @@ class NoiseSchedule:
         )
 
 
+def noise_stream(seed):
+    """A CPU random generator seeded with ``seed``: every device then draws the same numbers from it."""
+    return torch.Generator().manual_seed(seed)
+
+
 def seeded_noise(x0, seed):
-    """eps ~ N(0, I) shaped like x0, drawn on the CPU from ``seed``, so every device sees the same noisy input."""
-    return torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    """eps ~ N(0, I) shaped like x0, the first draw of noise_stream(seed): every device sees the same noisy input."""
+    return torch.randn(x0.shape, generator=noise_stream(seed))
 
 
 def training_losses(model, x0, schedule, generator=None):
@@ -103,8 +108,30 @@ def timestep_grid(t_start, steps):
     return [round(t_start * k / steps) for k in range(steps, -1, -1)]
 
 
+def ddim_step(x, x0_hat, w_t, w_s, eta=0.0, noise=None):
+    """One step of the generalised DDIM sampler (Song et al. 2021, eq. 12 and 16), from level w_t down to w_s.
+
+    For any process x_t = a_t * x0 + sigma_t * eps, DDIM's eq. 12 reads
+
+        eps_hat = (x_t - a_t * x0_hat) / sigma_t                            the noise that x0_hat implies
+        x_s     = a_s * x0_hat + sqrt(sigma_s^2 - c^2) * eps_hat + c * z,   z ~ N(0, I) fresh noise
+        c       = eta * (sigma_s / sigma_t) * sqrt(sigma_t^2 - (a_t / a_s)^2 * sigma_s^2)
+
+    and here a = 1 - w, sigma = w. With eta = 1, c^2 is the variance of the DDPM posterior
+    q(x_s | x_t, x0) (DDPM eq. 6-7 for this process; eq. 16 of DDIM is the same c written with
+    alpha_bar), so the step is DDPM's ancestral sampling: keep part of the old noise, add fresh
+    noise z. With eta = 0 no fresh noise is added and the step is deterministic (DDIM). ``noise``
+    is z, shaped like x; it is only needed when eta > 0.
+    """
+    eps_hat = (x - (1 - w_t) * x0_hat) / w_t
+    if eta == 0:
+        return (1 - w_s) * x0_hat + w_s * eps_hat
+    c = eta * (w_s / w_t) * max(w_t**2 - ((1 - w_t) / (1 - w_s)) ** 2 * w_s**2, 0.0) ** 0.5
+    return (1 - w_s) * x0_hat + max(w_s**2 - c**2, 0.0) ** 0.5 * eps_hat + c * noise
+
+
 @torch.inference_mode()
-def denoise(model, x_t, t_start, schedule, steps=1, trajectory=None):
+def denoise(model, x_t, t_start, schedule, steps=1, trajectory=None, eta=0.0, generator=None):
     """Denoise x_t, noised to the level of timestep t_start, in ``steps`` steps.
 
     At each s_k of timestep_grid(t_start, steps), k = N, ..., 1:
@@ -117,11 +144,16 @@ def denoise(model, x_t, t_start, schedule, steps=1, trajectory=None):
     steps = 1 this is the original demo's one-step denoising,
     clamp(unet(x_t, t), -1, 1). The update is DDIM's deterministic step
     (Song et al. 2021, eq. 12, eta = 0) for this noising, and an Euler step
-    of the rectified-flow ODE dx/dw = eps_hat - x0_hat.
+    of the rectified-flow ODE dx/dw = eps_hat - x0_hat. With eta > 0 the
+    re-noising keeps only part of eps_hat and adds fresh Gaussian noise drawn
+    from ``generator`` (on the CPU, so every device gets the same numbers);
+    eta = 1 is DDPM's ancestral sampling (ddim_step has the formula).
 
     x_t: (B, C, H, W). If ``trajectory`` is a list, one (s_k, w(s_k), x, x0_hat)
     per step is appended to it (tensors on the CPU), for the figures.
     """
+    if eta < 0:
+        raise ValueError(f"eta must be at least 0, got {eta}")
     model.eval()
     x = x_t
     grid = timestep_grid(t_start, steps)
@@ -133,6 +165,6 @@ def denoise(model, x_t, t_start, schedule, steps=1, trajectory=None):
             trajectory.append((s_k, w_k, x.cpu(), x0_hat.cpu()))
         if s_next == 0:
             break
-        eps_hat = (x - (1 - w_k) * x0_hat) / w_k
-        x = (1 - w_next) * x0_hat + w_next * eps_hat
+        z = torch.randn(x.shape, generator=generator).to(x.device) if eta > 0 else None
+        x = ddim_step(x, x0_hat, w_k, w_next, eta, z)
     return x0_hat

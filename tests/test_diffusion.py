@@ -9,7 +9,7 @@ import torch
 
 from conftest import REPO
 
-from models.diffusion import NoiseSchedule, denoise, timestep_grid, training_losses
+from models.diffusion import NoiseSchedule, ddim_step, denoise, timestep_grid, training_losses
 
 
 def test_default_schedule_is_the_original_notes():
@@ -203,3 +203,79 @@ def test_multi_step_clamps_x0_before_renoising():
     assert trajectory[0][3].item() == 1.0  # x0_hat clamped to [-1, 1]
     # eps_hat = (0 - 0.2 * 1) / 0.8 = -0.25;  x = 0.6 * 1 + 0.4 * (-0.25) = 0.5
     assert trajectory[1][2].item() == pytest.approx(0.5)
+
+
+def deterministic_sampler_before_eta(model, x_t, t_start, schedule, steps):
+    """The sampler as it was before --eta existed, copied here as the reference for eta = 0."""
+    x = x_t
+    grid = timestep_grid(t_start, steps)
+    with torch.no_grad():
+        for s_k, s_next in zip(grid[:-1], grid[1:]):
+            x0_hat = model(x, torch.full((x.shape[0],), s_k)).clamp(-1.0, 1.0)
+            w_k, w_next = schedule.w(s_k), schedule.w(s_next)
+            if s_next == 0:
+                break
+            eps_hat = (x - (1 - w_k) * x0_hat) / w_k
+            x = (1 - w_next) * x0_hat + w_next * eps_hat
+    return x0_hat
+
+
+@pytest.mark.parametrize("max_noise, t_start, steps", [(0.8, 500, 1), (0.8, 1000, 10), (1.0, 1000, 7)])
+def test_eta_zero_is_the_deterministic_sampler_exactly(max_noise, t_start, steps):
+    torch.manual_seed(0)
+    model, schedule = TimeScaledConv(), NoiseSchedule(max_noise=max_noise)
+    x_t = torch.randn(2, 3, 8, 8)
+    expected = deterministic_sampler_before_eta(model, x_t, t_start, schedule, steps)
+    assert torch.equal(denoise(model, x_t, t_start, schedule, steps), expected)
+    assert torch.equal(denoise(model, x_t, t_start, schedule, steps, eta=0.0,
+                               generator=torch.Generator().manual_seed(5)), expected)
+
+
+def test_eta_above_zero_is_reproducible_for_a_seed():
+    torch.manual_seed(0)
+    model, schedule = TimeScaledConv(), NoiseSchedule(max_noise=1.0)
+    x_t = torch.randn(1, 3, 8, 8)
+    run = lambda eta, seed: denoise(model, x_t, 1000, schedule, 10, eta=eta,  # noqa: E731
+                                    generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(1.0, 3), run(1.0, 3))
+    assert not torch.allclose(run(1.0, 3), run(1.0, 4))
+    assert not torch.allclose(run(0.5, 3), run(0.0, 3))
+
+
+@pytest.mark.parametrize("w_t, w_s", [(0.9, 0.5), (0.4, 0.1), (1.0, 0.3), (0.02, 0.01)])
+def test_eta_one_adds_the_variance_of_ddpms_posterior(w_t, w_s):
+    """With eta = 1, c^2 is Var(x_s | x_t, x0) of the Markov chain with marginals x_t = (1 - w) x0 + w eps,
+    worked out here by Gaussian conditioning: q(x_t | x_s) = N(a x_s, w_t^2 - a^2 w_s^2), a = (1-w_t)/(1-w_s),
+    so Cov(x_s, x_t) = a w_s^2 and Var(x_s | x_t) = w_s^2 - (a w_s^2)^2 / w_t^2."""
+    a = (1 - w_t) / (1 - w_s)
+    posterior_variance = w_s**2 - (a * w_s**2) ** 2 / w_t**2
+    x, x0_hat = torch.zeros(1), torch.zeros(1)
+    # with x = x0_hat = 0, eps_hat = 0, so the step returns c * z: c is its answer for z = 1
+    c = ddim_step(x, x0_hat, w_t, w_s, eta=1.0, noise=torch.ones(1)).item()
+    assert c**2 == pytest.approx(posterior_variance, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_every_eta_keeps_the_noise_level_of_the_next_timestep(eta):
+    """Given the true x0, a step from x_t = (1 - w_t) x0 + w_t eps lands on (1 - w_s) x0 + w_s * (unit noise):
+    the fresh noise replaces part of the old, it does not add to it. Checked over a million pixels."""
+    w_t, w_s = 0.7, 0.3
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(1_000_000, generator=g) * 2 - 1
+    x_t = (1 - w_t) * x0 + w_t * torch.randn(x0.shape, generator=g)
+    x_s = ddim_step(x_t, x0, w_t, w_s, eta, noise=torch.randn(x0.shape, generator=g))
+    noise = (x_s - (1 - w_s) * x0) / w_s
+    assert abs(noise.mean().item()) < 0.005 and noise.std().item() == pytest.approx(1.0, abs=0.005)
+
+
+def test_eta_one_from_pure_noise_forgets_the_start():
+    """At w_t = 1 the posterior does not depend on x_t: DDPM's step re-draws all of the noise."""
+    x0_hat, z = torch.full((4,), 0.2), torch.randn(4, generator=torch.Generator().manual_seed(0))
+    one, other = (ddim_step(torch.randn(4, generator=torch.Generator().manual_seed(s)), x0_hat, 1.0, 0.6, 1.0, z)
+                  for s in (1, 2))
+    assert torch.allclose(one, other) and torch.allclose(one, 0.4 * x0_hat + 0.6 * z)
+
+
+def test_negative_eta_is_refused():
+    with pytest.raises(ValueError, match="eta must be at least 0"):
+        denoise(Constant(0.0), torch.zeros(1, 1, 1, 1), 10, NoiseSchedule(), 2, eta=-0.1)

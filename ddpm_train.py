@@ -43,6 +43,7 @@ from models.unet_model import UNet, check_image_size
 # The flags that define a run: a resumed run takes them from its checkpoint.
 RUN_SETTINGS = ("img_size", "batch_size", "train_steps", "lr", "image_path", "seed", "base_channels",
                 "channel_mults", "max_noise")
+CONTEXT_SETTINGS = ("attention", "coords", "canvas")  # network options; runs that predate them had them off
 EXIT_INTERRUPTED = 130  # the shell's code for "stopped by Ctrl-C"
 MODEL_FOLDER = "model_ckpt"  # where a picture's model goes by default: <folder>/<image stem>_unet.pth
 EVAL_T, EVAL_NOISE_SEED = 500, 0  # the quality check denoises what `python ddpm_infer.py` does by default
@@ -72,6 +73,16 @@ def build_parser():
     parser.add_argument("--max_noise", type=fraction, default=DEFAULT_MAX_NOISE,
                         help="noise weight at t = T: w(t) = max_noise * t / T. Below 1 the model is a denoiser; "
                              "with 1 it also learns to start from pure noise")
+    context = parser.add_argument_group(
+        "global context", "what the network may know beyond its receptive field; needed to generate "
+        "a 256 px picture from pure noise (--max_noise 1), off for the denoiser")
+    context.add_argument("--attention", action="store_true",
+                         help="self-attention at the lowest level of the U-Net (DDPM's AttnBlock)")
+    context.add_argument("--coords", action="store_true",
+                         help="give the network each pixel's (y, x) position as two extra input channels")
+    context.add_argument("--canvas", action="store_true",
+                         help="add a learned full-size image B to the output, x0_hat = unet(x_t, t) + B: "
+                              "the network may store the picture itself")
     add_device_argument(parser)
     parser.add_argument("--save_every", type=int_in_range(0, 1_000_000), default=500,
                         help="steps between resumable snapshots (0: only on Ctrl-C)")
@@ -130,7 +141,8 @@ def new_model(args):
     """Check the settings against each other and build a freshly initialised network."""
     torch.manual_seed(args.seed)  # the initial weights
     try:
-        model = UNet(in_channels=3, base_channels=args.base_channels, channel_mults=args.channel_mults)
+        model = UNet(in_channels=3, base_channels=args.base_channels, channel_mults=args.channel_mults,
+                     attention=args.attention, coords=args.coords, canvas_size=args.img_size if args.canvas else None)
         check_image_size(args.img_size, args.channel_mults)
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -147,7 +159,8 @@ def open_snapshot(args, typed, device):
     missing = [name for name in (*RUN_SETTINGS, "model_save_path") if name not in saved]
     if missing:
         raise UserError(f"snapshot {args.resume!r} does not record its run's settings ({', '.join(missing)})")
-    for name in RUN_SETTINGS:
+    saved = {**dict.fromkeys(CONTEXT_SETTINGS, False), **saved}
+    for name in (*RUN_SETTINGS, *CONTEXT_SETTINGS):
         if name in typed and getattr(args, name) != saved[name]:
             raise UserError(f"--{name} {getattr(args, name)} disagrees with the run being resumed, which used "
                             f"{saved[name]} (leave --{name} out to continue that run)")

@@ -14,6 +14,13 @@ passed in is the peak:
   bouncing around it;
 * gradient-norm clipping at 1.0 guards against the rare huge gradient.
 
+A network with a canvas (``UNet(canvas_size=...)``, a learned picture added to
+the output) trains the canvas at CANVAS_LR_SCALE times the learning rate.
+Adam moves each parameter by about the learning rate per step, whatever the
+size of its gradient. A convolution weight serves every pixel, so small moves
+suffice; a canvas pixel must travel up to 2 (from 0 to a colour in [-1, 1])
+by itself, and at 1e-3, warmed up and decayed, 1000 steps carry it about 0.5.
+
 On a CPU or a CUDA GPU, Adam runs as one fused kernel over all parameters and
 the gradient norm is taken with one multi-tensor call (``foreach``), instead
 of a handful of small operations per parameter tensor; same update, less
@@ -31,6 +38,7 @@ WARMUP_STEPS = 100
 GRAD_CLIP_NORM = 1.0
 PROGRESS_EVERY = 25  # steps between updates of the progress bar's loss
 MULTI_TENSOR_DEVICES = ("cpu", "cuda")  # where fused Adam and foreach clipping exist
+CANVAS_LR_SCALE = 10  # the canvas's learning rate, as a multiple of the network's
 
 
 def learning_rate_factor(step, total_steps, warmup_steps=WARMUP_STEPS):
@@ -66,7 +74,7 @@ class Trainer:
         self.x0_batch = x0.expand(batch_size, -1, -1, -1)  # (B, C, H, W): the same image B times, no copy
         self.generator = generator if generator is not None else torch.Generator(device=x0.device)
         self.multi_tensor = x0.device.type in MULTI_TENSOR_DEVICES
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=self.multi_tensor or None)
+        self.optimizer = torch.optim.Adam(parameter_groups(model, lr), lr=lr, fused=self.multi_tensor or None)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: learning_rate_factor(step, train_steps)
         )
@@ -180,6 +188,13 @@ class Trainer:
         self.losses[: self.step] = torch.tensor(loss_history, device=self.losses.device)
         self.image_t[: self.step] = torch.tensor(noise_history["t"], device=self.losses.device)
         self.image_losses[: self.step] = torch.tensor(noise_history["loss"], device=self.losses.device)
+
+
+def parameter_groups(model, lr):
+    """Adam's parameter groups: the network at ``lr``; a canvas, if the model has one, at CANVAS_LR_SCALE * lr."""
+    canvas = [p for name, p in model.named_parameters() if name == "canvas"]
+    network = [p for name, p in model.named_parameters() if name != "canvas"]
+    return [{"params": network}] + ([{"params": canvas, "lr": lr * CANVAS_LR_SCALE}] if canvas else [])
 
 
 def train(model, x0, schedule, train_steps, lr, batch_size=1, generator=None, show_progress=True):

@@ -7,7 +7,7 @@ made and what ``t`` means live in ``models/diffusion.py``.
 The layout follows the U-Net of DDPM (Ho et al. 2020, appendix B), which in
 turn follows PixelCNN++ and the original U-Net (Ronneberger et al. 2015),
 scaled down for one image on a laptop: one ResBlock per level instead of two,
-no self-attention at 16x16 and no dropout:
+no dropout, and by default no self-attention:
 
     timestep t --sinusoidal embedding--> MLP --> temb (injected into every ResBlock)
 
@@ -18,6 +18,21 @@ no self-attention at 16x16 and no dropout:
 
 With ``channel_mults = (1, 2, 4, 8)`` there are four levels; each Down halves
 the height and width, so the image side must be divisible by 2 ** 3 = 8.
+
+Global context. A stack of 3x3 convolutions sees a bounded window of its input
+(its receptive field): about 217 px for the default network, less than a
+256 px image. From pure noise (w = 1) the input says nothing about the
+picture, so a pixel in the middle cannot tell where it is, and the network
+can only return the average colour there. Three options, each off by
+default and recorded in ``config``, give it context:
+
+    attention=True   self-attention between the middle ResBlocks, at the lowest
+                     level (DDPM's AttnBlock): every position sees every other
+    coords=True      two more input channels holding each pixel's (y, x) in
+                     [-1, 1] (CoordConv, Liu et al. 2018): position as data
+    canvas_size=S    a learned S x S image B added to the output,
+                     x0_hat = unet(x_t, t) + B: a stored picture at full
+                     resolution, for a network trained on one image size
 """
 
 import math
@@ -85,6 +100,39 @@ class Up(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
 
 
+class AttentionBlock(nn.Module):
+    """Self-attention over the H * W positions of a feature map, with a residual (DDPM's AttnBlock).
+
+    GroupNorm, then queries, keys and values from 1x1 convs, softmax(q k^T / sqrt(C)) v, a 1x1
+    projection started at zero (the block begins as the identity, as in DDPM), added to the input.
+    It knows nothing of position: permuting the positions of its input permutes its output alike.
+    """
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm = nn.GroupNorm(GROUPS, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x):
+        """x: (B, C, H, W) -> (B, C, H, W)."""
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)  # each (B, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, (B, HW, C)
+        return x + self.proj_out(h.transpose(1, 2).reshape(B, C, H, W))
+
+
+def coordinate_channels(x):
+    """Each pixel's (y, x) position in [-1, 1], as two channels shaped like x: (B, 2, H, W)."""
+    B, _, H, W = x.shape
+    ys = torch.linspace(-1.0, 1.0, H, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1.0, 1.0, W, device=x.device, dtype=x.dtype)
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"))  # (2, H, W)
+    return grid.expand(B, 2, H, W)
+
+
 class UNet(nn.Module):
     """x0_hat = UNet(x_t, t): predicts the clean image from a noisy one.
 
@@ -92,15 +140,22 @@ class UNet(nn.Module):
     base_channels: width of the first level
     channel_mults: width of each level as a multiple of base_channels; its
                    length is the number of levels
+    attention, coords, canvas_size: global context (module docstring); the
+                   defaults build the plain U-Net, as in checkpoints that
+                   predate these options
     """
 
-    def __init__(self, in_channels=3, base_channels=16, channel_mults=(1, 2, 4, 8)):
+    def __init__(self, in_channels=3, base_channels=16, channel_mults=(1, 2, 4, 8), attention=False,
+                 coords=False, canvas_size=None):
         super().__init__()
-        check_config(in_channels, base_channels, channel_mults)
+        check_config(in_channels, base_channels, channel_mults, canvas_size)
         self.config = {
             "in_channels": in_channels,
             "base_channels": base_channels,
             "channel_mults": list(channel_mults),
+            "attention": bool(attention),
+            "coords": bool(coords),
+            "canvas_size": canvas_size,
         }
         widths = [base_channels * m for m in channel_mults]
         temb_dim = 4 * base_channels
@@ -108,7 +163,7 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(
             nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim)
         )
-        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels + (2 if coords else 0), base_channels, 3, padding=1)
 
         self.encoder = nn.ModuleList()
         self.downs = nn.ModuleList()
@@ -120,6 +175,7 @@ class UNet(nn.Module):
                 self.downs.append(Down(ch))
 
         self.middle = nn.ModuleList([ResBlock(ch, ch, temb_dim), ResBlock(ch, ch, temb_dim)])
+        self.middle_attention = AttentionBlock(ch) if attention else None  # between the two
 
         self.decoder = nn.ModuleList()
         self.ups = nn.ModuleList()
@@ -131,6 +187,8 @@ class UNet(nn.Module):
 
         self.norm_out = nn.GroupNorm(GROUPS, ch)
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
+        # the canvas B starts blank: training paints into it what every output shares
+        self.canvas = nn.Parameter(torch.zeros(1, in_channels, canvas_size, canvas_size)) if canvas_size else None
 
     def forward(self, x_t, t):
         """x_t: (B, C, H, W) noisy image, t: (B,) timesteps -> x0_hat: (B, C, H, W)."""
@@ -142,8 +200,13 @@ class UNet(nn.Module):
                 f"image size {H}x{W} does not fit this {levels}-level U-Net: both sides must "
                 f"be multiples of {multiple} and at least {2 * multiple}"
             )
+        if self.canvas is not None and (H, W) != self.canvas.shape[-2:]:
+            side = self.canvas.shape[-1]
+            raise ValueError(f"image size {H}x{W} does not fit this U-Net's {side}x{side} canvas")
         temb = self.time_mlp(timestep_embedding(t, self.config["base_channels"]))  # (B, temb_dim)
 
+        if self.config["coords"]:
+            x_t = torch.cat([x_t, coordinate_channels(x_t)], dim=1)  # (B, C + 2, H, W)
         h = self.conv_in(x_t)  # (B, base, H, W)
         skips = []
         for level, block in enumerate(self.encoder):
@@ -152,19 +215,26 @@ class UNet(nn.Module):
             if level < len(self.downs):
                 h = self.downs[level](h)  # halve H and W
 
-        for block in self.middle:
-            h = block(h, temb)  # (B, widest, H / 8, W / 8) with four levels
+        h = self.middle[0](h, temb)  # (B, widest, H / 8, W / 8) with four levels
+        if self.middle_attention is not None:
+            h = self.middle_attention(h)  # every position mixes in every other
+        h = self.middle[1](h, temb)
 
         for i, block in enumerate(self.decoder):
             h = block(torch.cat([h, skips.pop()], dim=1), temb)  # concat skip of the same size
             if i < len(self.ups):
                 h = self.ups[i](h)  # double H and W
 
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
+        x0_hat = self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
+        if self.canvas is not None:
+            x0_hat = x0_hat + self.canvas  # x0_hat = unet(x_t, t) + B
+        return x0_hat
 
 
-def check_config(in_channels, base_channels, channel_mults):
+def check_config(in_channels, base_channels, channel_mults, canvas_size=None):
     """Raise ValueError, in words a user can act on, for a network that cannot be built."""
+    if canvas_size is not None and (not isinstance(canvas_size, int) or canvas_size < 1):
+        raise ValueError(f"canvas_size must be a positive integer (the image side), got {canvas_size!r}")
     if in_channels < 1:
         raise ValueError(f"in_channels must be at least 1, got {in_channels}")
     if not channel_mults:

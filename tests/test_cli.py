@@ -73,6 +73,7 @@ def test_help_states_the_accepted_values_and_the_warm_up(monkeypatch, capsys):
     assert "warm-up over min(100 steps, 10% of the run)" in out
     status, out, _ = run_in_process(INFER, "--help", monkeypatch=monkeypatch, capsys=capsys)
     assert "[0 to 1000]" in " ".join(out.split())
+    assert re.search(r"--eta ETA [^[]*\[0 to 1\]", " ".join(out.split()))
 
 
 def one_error_line(status, out, err):
@@ -178,6 +179,9 @@ INFER_FLAG_ERRORS = [
     (["--t", "0.5"], "--t: must be an integer"),
     (["--img_size", "32"], "--img_size 32 disagrees with the checkpoint, which was trained at 16"),
     (["--seed", "x"], "--seed: must be an integer"),
+    (["--eta", "1.5"], "--eta: must be a number from 0 to 1"),
+    (["--eta", "-0.5"], "--eta: must be a number from 0 to 1"),
+    (["--eta", "nan"], "--eta: must be a number from 0 to 1"),
 ]
 
 
@@ -329,3 +333,36 @@ def test_training_steps_reuse_freed_activations_instead_of_faulting_in_fresh_pag
         return float(done.stdout)
 
     assert faults_per_step("kept") < faults_per_step("default") / 5
+
+
+def test_eta_gives_fresh_noise_that_the_seed_repeats(tmp_path, tiny_image, tiny_checkpoint, monkeypatch, capsys):
+    """--eta 0 is the default sampler to the bit; --eta 1 draws fresh noise from --seed: the same seed
+    gives the same picture, another seed another one."""
+    def denoised(name, *args):
+        path = tmp_path / f"{name}.png"
+        status, out, err = infer(tmp_path, tiny_image, tiny_checkpoint, "--t", "800", "--steps", "8",
+                                 "--output_path", path, *args, monkeypatch=monkeypatch, capsys=capsys)
+        assert status == 0, err
+        return np.asarray(Image.open(path)), out
+
+    default, out = denoised("default")
+    assert "steps=8  img_size=16" in out  # the default summary line is unchanged
+    assert np.array_equal(denoised("eta0", "--eta", "0")[0], default)
+    ancestral, out = denoised("eta1", "--eta", "1")
+    assert "steps=8  eta=1  img_size=16" in out
+    assert np.array_equal(denoised("eta1_again", "--eta", "1")[0], ancestral)
+    assert not np.array_equal(ancestral, default)
+    assert not np.array_equal(denoised("eta1_seed1", "--eta", "1", "--seed", "1")[0], ancestral)
+
+
+def test_global_context_flags_build_the_network_and_inference_rebuilds_it(tmp_path, tiny_image):
+    ckpt = tmp_path / "context.pth"
+    trained = run_script(TRAIN, "--img_size", 16, "--train_steps", 3, "--image_path", tiny_image, "--eval_every", 0,
+                         "--model_save_path", ckpt, "--attention", "--coords", "--canvas", *TINY_NET, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    checkpoint = torch.load(ckpt, weights_only=True)
+    assert checkpoint["model_config"] == {"in_channels": 3, "base_channels": 8, "channel_mults": [1, 2],
+                                          "attention": True, "coords": True, "canvas_size": 16}
+    assert {"attention": True, "coords": True, "canvas": True}.items() <= checkpoint["train"]["args"].items()
+    inferred = run_script(INFER, "--model_path", ckpt, "--result_path", tmp_path / "r.png", cwd=tmp_path)
+    assert inferred.returncode == 0, inferred.stderr

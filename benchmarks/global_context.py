@@ -117,7 +117,7 @@ def parse_args(argv=None):
                         help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--train_steps", type=int_in_range(1, 100_000), default=300, help="training steps per variant")
     parser.add_argument("--out_dir", default="model_ckpt/global_context", help="where the variants' checkpoints go")
-    parser.add_argument("--rounds", type=int_in_range(1, 100), default=4, help="alternating timing rounds")
+    parser.add_argument("--rounds", type=int_in_range(1, 100), default=6, help="alternating timing rounds")
     parser.add_argument("--timing_steps", type=int_in_range(1, 100), default=3, help="training steps per variant per round")
     parser.add_argument("--json", default="benchmarks/global_context.json", help="where to write the results")
     parser.add_argument("--figure", default="images/first_prediction.png",

@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import REPO
 from models import denoise, load_checkpoint, load_image, psnr, ssim
-from models.diffusion import seeded_noise
+from models.diffusion import noise_stream, seeded_noise
 
 CHECKPOINT = os.path.join(REPO, "model_ckpt", "demo_unet.pth")
 FULL_NOISE = os.path.join(REPO, "model_ckpt", "demo_unet_full_noise.pth")
@@ -19,7 +19,7 @@ DEMO = os.path.join(REPO, "images", "demo.png")
 FIGURES = ["images/inference_result.png", "images/noise_sweep.png", "images/denoise_trajectory.png",
            "images/unseen_image.png", "images/unseen_trajectory.png",
            "images/denoise_trajectory.gif", "images/inference_result_10_steps.png", "images/full_noise_result.png",
-           "images/full_noise_trajectory.png", "images/full_noise_trajectory.gif"]
+           "images/full_noise_trajectory.png", "images/full_noise_trajectory.gif", "images/first_prediction.png"]
 RUN_FILES = ["model_ckpt/demo_unet_loss.png", "model_ckpt/demo_unet_loss_by_noise.png", "model_ckpt/demo_unet.json",
              "model_ckpt/demo_unet_psnr.png",
              "model_ckpt/demo_unet_full_noise_loss.png", "model_ckpt/demo_unet_full_noise_loss_by_noise.png",
@@ -55,7 +55,8 @@ def test_shipped_photos_are_256_px_rgb(path):
 
 DOCUMENTED_COMMANDS = {
     CHECKPOINT: "python ddpm_train.py",
-    FULL_NOISE: "python ddpm_train.py --max_noise 1.0 --batch_size 4 --model_save_path model_ckpt/demo_unet_full_noise.pth",
+    FULL_NOISE: "python ddpm_train.py --max_noise 1.0 --batch_size 4 --train_steps 1000 --canvas "
+                "--model_save_path model_ckpt/demo_unet_full_noise.pth",
 }
 
 
@@ -68,16 +69,21 @@ def test_shipped_run_records_name_the_documented_command_and_the_shipped_path(pa
         assert DOCUMENTED_COMMANDS[path] in readme(name)
 
 
-@pytest.mark.parametrize("path, max_noise, batch_size", [(CHECKPOINT, 0.8, 1), (FULL_NOISE, 1.0, 4)])
-def test_shipped_checkpoints_were_made_by_the_documented_commands(path, max_noise, batch_size):
-    _, schedule, checkpoint = load_checkpoint(path)
+@pytest.mark.parametrize("path, max_noise, changed, canvas_size", [
+    (CHECKPOINT, 0.8, {}, None),  # the denoiser: a plain U-Net (its file predates the options)
+    (FULL_NOISE, 1.0, {"batch_size": 4, "train_steps": 1000}, 256),  # the generator: with a canvas
+])
+def test_shipped_checkpoints_were_made_by_the_documented_commands(path, max_noise, changed, canvas_size):
+    model, schedule, checkpoint = load_checkpoint(path)
     args = checkpoint["train"]["args"]
-    assert {k: args[k] for k in DEFAULT_RUN} == {**DEFAULT_RUN, "batch_size": batch_size}
+    assert {k: args[k] for k in DEFAULT_RUN} == {**DEFAULT_RUN, **changed}
+    assert model.config["canvas_size"] == canvas_size
+    assert not model.config["attention"] and not model.config["coords"]
     assert args["max_noise"] == max_noise and schedule.max_noise == max_noise
-    assert checkpoint["train"]["step"] == 3000 and "resume" not in checkpoint
+    assert checkpoint["train"]["step"] == args["train_steps"] and "resume" not in checkpoint
     record = json.load(open(path[: -len(".pth")] + ".json"))
     assert record["image_sha256"] == checkpoint["data"]["image_sha256"]
-    assert record["args"]["max_noise"] == max_noise and record["train_steps"] == 3000
+    assert record["args"]["max_noise"] == max_noise and record["train_steps"] == args["train_steps"]
 
 
 @pytest.fixture(scope="module")
@@ -120,25 +126,59 @@ def test_readme_sweep_table_matches_the_shipped_model(shipped, w):
         assert [float(v) for v in row.groups()] == pytest.approx([noisy, one, ten], abs=0.01)
 
 
-def test_full_noise_model_regenerates_the_picture_from_pure_noise_as_quoted():
+def generate_from_pure_noise(steps, eta=0.0):
+    """What `python ddpm_infer.py --model_path <full-noise model> --t 1000 --steps S [--eta E]` computes."""
     model, schedule, checkpoint = load_checkpoint(FULL_NOISE)
     x0 = load_image(DEMO, checkpoint["data"]["img_size"])
-    eps = seeded_noise(x0, 0)
+    noise = noise_stream(0)  # ddpm_infer.py's default --seed: eps first, then the fresh noise of eta > 0
+    eps = torch.randn(x0.shape, generator=noise)
     x_t = schedule.add_noise(x0, torch.tensor([1000]), eps)
     assert torch.equal(x_t, eps)  # w = 1 at t = T: nothing of the picture is left
-    output_image = denoise(model, x_t, 1000, schedule, steps=50)
-    output = psnr(output_image, x0)
-    structure = ssim(output_image, x0)
-    # the memorised picture's structure, not merely its layout (its brightness and colour are a little off)
-    assert structure > 0.75
+    output = denoise(model, x_t, 1000, schedule, steps, eta=eta, generator=noise)
+    return psnr(output, x0), ssim(output, x0)
+
+
+@pytest.fixture(scope="module")
+def from_pure_noise():
+    return {steps: generate_from_pure_noise(steps) for steps in (1, 50, 200)}
+
+
+def test_full_noise_model_meets_the_generation_targets(from_pure_noise):
+    """From pure noise: at least 30 dB in 50 steps, 22 dB in one, and 200 steps no worse than 50 (-0.3 dB)."""
+    assert from_pure_noise[50][0] >= 30.0 and from_pure_noise[1][0] >= 22.0, from_pure_noise
+    assert from_pure_noise[200][0] >= from_pure_noise[50][0] - 0.3, from_pure_noise
+
+
+def test_full_noise_model_regenerates_the_picture_from_pure_noise_as_quoted(from_pure_noise):
+    output, structure = from_pure_noise[50]
     for name in ("README.md", "README.en.md"):
         quoted = re.search(r"(?:pure noise in 50 steps|纯噪声出发走 50 步)[^\n]*?([\d.]+) dB[^\n]*?SSIM (\d\.\d+)",
                            readme(name))
         assert quoted, f"{name} quotes no PSNR and SSIM from pure noise"
         assert float(quoted.group(1)) == pytest.approx(output, abs=0.01)
         assert float(quoted.group(2)) == pytest.approx(structure, abs=0.001)
+        for steps in (1, 200):
+            assert f"{from_pure_noise[steps][0]:.2f} dB" in readme(name), (name, steps)
     for name in ("assay/linear_interpolation.md", "assay/linear_interpolation.zh.md"):
         assert f"{output:.2f} dB" in readme(name), name
+
+
+def test_readmes_quote_ancestral_sampling_as_it_runs():
+    output, structure = generate_from_pure_noise(50, eta=1.0)
+    for name in ("README.md", "README.en.md"):
+        assert f"{output:.2f} dB" in readme(name) and f"SSIM {structure:.3f}" in readme(name), name
+
+
+def test_ablation_of_global_context_is_shown_as_measured():
+    """benchmarks/README.md shows the table that benchmarks/global_context.py wrote, and the figure it drew."""
+    from benchmarks import global_context
+
+    results = json.load(open(os.path.join(REPO, "benchmarks", "global_context.json")))
+    assert results["command"] == "python benchmarks/global_context.py"  # the documented command, defaults
+    assert set(results["variants"]) == set(global_context.VARIANTS)
+    train_steps = int(results["recipe"][results["recipe"].index("--train_steps") + 1])
+    assert global_context.format_table(results["variants"], train_steps) in readme("benchmarks/README.md")
+    assert "images/first_prediction.png" in readme("README.md") and "images/first_prediction.png" in readme("README.en.md")
 
 
 def test_readmes_quote_the_training_run_as_its_record_has_it():

@@ -124,7 +124,7 @@ def ddim_step(x, x0_hat, w_t, w_s, eta=0.0, noise=None):
     is z, shaped like x; it is only needed when eta > 0.
     """
     eps_hat = (x - (1 - w_t) * x0_hat) / w_t
-    if eta == 0:
+    if eta == 0:  # c = 0; written out so that sqrt(w_s^2) cannot round w_s and change eta = 0's outputs
         return (1 - w_s) * x0_hat + w_s * eps_hat
     c = eta * (w_s / w_t) * max(w_t**2 - ((1 - w_t) / (1 - w_s)) ** 2 * w_s**2, 0.0) ** 0.5
     return (1 - w_s) * x0_hat + max(w_s**2 - c**2, 0.0) ** 0.5 * eps_hat + c * noise

@@ -8,6 +8,8 @@ Layout, plain Python data and tensors only:
      "data": {"img_size": ..., ...},  # what the network was trained on
      "model": state_dict,             # the weights, on the CPU
      "model_sha256": "...",           # digest of the weights, checked on load
+     "ema": state_dict,               # only where training kept an EMA of the weights: sampling uses it
+     "ema_sha256": "...",
      "train": {"args": {...}, "step": ..., "loss_history": [...], ...},
      "resume": {...}}                 # only in unfinished runs: optimizer, RNG states, ...
 
@@ -39,14 +41,19 @@ def weights_digest(state_dict):
     return digest.hexdigest()
 
 
-def save_checkpoint(path, model, schedule, data, train_info, resume=None):
+def _cpu_state(model):
+    return {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+
+
+def save_checkpoint(path, model, schedule, data, train_info, resume=None, ema=None):
     """Write the checkpoint atomically: a temporary file in the same folder, then os.replace.
 
     ``resume`` (Trainer.state_dict()) makes the file resumable; a finished
-    run leaves it out. A failed write raises UserError and leaves any
-    previous file at ``path`` as it was.
+    run leaves it out. ``ema`` is the model holding the moving average of the
+    weights, if training kept one. A failed write raises UserError and leaves
+    any previous file at ``path`` as it was.
     """
-    state_dict = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    state_dict = _cpu_state(model)
     checkpoint = {
         "format": FORMAT,
         "version": VERSION,
@@ -57,6 +64,9 @@ def save_checkpoint(path, model, schedule, data, train_info, resume=None):
         "model_sha256": weights_digest(state_dict),
         "train": dict(train_info),
     }
+    if ema is not None:
+        checkpoint["ema"] = _cpu_state(ema)
+        checkpoint["ema_sha256"] = weights_digest(checkpoint["ema"])
     if resume is not None:
         checkpoint["resume"] = resume
     try:
@@ -68,26 +78,29 @@ def save_checkpoint(path, model, schedule, data, train_info, resume=None):
         ) from None
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path, device="cpu", ema=True):
     """Read a checkpoint of ours and rebuild its network.
 
-    Returns (model in eval mode on ``device``, NoiseSchedule, the checkpoint dict).
+    Returns (model in eval mode on ``device``, NoiseSchedule, the checkpoint dict). The model
+    has the EMA weights where the checkpoint holds them (what sampling uses), unless ``ema``
+    is False: then the trained weights themselves (what a resumed run continues from).
     Raises UserError, naming the file and the fix, for anything else.
     """
     checkpoint = read_checkpoint(path)
+    key = "ema" if ema and "ema" in checkpoint else "model"
     try:
         with torch.device("meta"):  # shapes only: the weights come from the file, so skip random init
             model = UNet(**checkpoint["model_config"])
         schedule = NoiseSchedule(**checkpoint["noise_config"])
     except (TypeError, ValueError) as exc:
         raise UserError(f"checkpoint {path!r} describes a network this code cannot build ({exc})") from None
-    if weights_digest(checkpoint["model"]) != checkpoint["model_sha256"]:
+    if weights_digest(checkpoint[key]) != checkpoint.get(f"{key}_sha256"):
         raise UserError(
             f"checkpoint {path!r} is corrupted: its weights do not match their SHA-256 digest "
             "(copy or download it again)"
         )
     try:
-        model.load_state_dict(checkpoint["model"], assign=True)  # take the file's tensors as the parameters
+        model.load_state_dict(checkpoint[key], assign=True)  # take the file's tensors as the parameters
     except RuntimeError as exc:
         first_line = str(exc).strip().splitlines()[-1].strip()
         raise UserError(
@@ -135,9 +148,10 @@ def read_checkpoint(path):
     data = checkpoint["data"]
     if not isinstance(data, dict) or not isinstance(data.get("img_size"), int) or data["img_size"] < 1:
         raise UserError(f"checkpoint {path!r} is damaged: it does not record the image size it was trained at")
-    weights = checkpoint["model"]
-    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
-        raise UserError(f"checkpoint {path!r} is damaged: its 'model' entry is not a dict of tensors")
+    for key in ("model", "ema"):
+        weights = checkpoint.get(key, {})
+        if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+            raise UserError(f"checkpoint {path!r} is damaged: its {key!r} entry is not a dict of tensors")
     return checkpoint
 
 

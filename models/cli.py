@@ -8,6 +8,7 @@ import argparse
 import ctypes
 import gc
 import math
+import os
 import platform
 import signal
 import sys
@@ -92,6 +93,14 @@ def zero_to_one(text):
     return value
 
 
+def below_one(text):
+    """argparse type: a number from 0 up to, but not including, 1."""
+    value = _parse(float, text, "a number")
+    if not 0 <= value < 1:  # also false for nan
+        raise argparse.ArgumentTypeError(f"must be a number from 0 up to (not including) 1, got {text!r}")
+    return value
+
+
 def channel_multipliers(text):
     """argparse type: 1 to 8 comma-separated integers from 1 to 64, such as '1,2,4,8'."""
     try:
@@ -106,6 +115,7 @@ def channel_multipliers(text):
 positive_float.accepts = "above 0"
 fraction.accepts = "above 0, at most 1"
 zero_to_one.accepts = "0 to 1"
+below_one.accepts = "0 to below 1"
 channel_multipliers.accepts = "1 to 8 levels, each 1 to 64"
 
 
@@ -116,9 +126,18 @@ def _parse(kind, text, description):
         raise argparse.ArgumentTypeError(f"must be {description}, got {text!r}") from None
 
 
+def is_main_process():
+    """True except in the processes 1, 2, ... that torchrun starts beside process 0 (RANK in the environment).
+
+    Process 0 alone prints and writes files; the others would only repeat it.
+    """
+    return os.environ.get("RANK", "0") == "0"
+
+
 def warn(message):
-    """A warning for the user: one line on stderr; the run goes on."""
-    print(f"warning: {message}", file=sys.stderr)
+    """A warning for the user: one line on stderr (from process 0); the run goes on."""
+    if is_main_process():
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def add_device_argument(parser):
@@ -195,7 +214,8 @@ def run(main):
     try:
         main()
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if is_main_process():  # under torchrun every process meets the same mistake; one says so
+            print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

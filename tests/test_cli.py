@@ -45,7 +45,8 @@ def test_help_lists_every_flag_with_its_default(monkeypatch, capsys):
     status, out, _ = run_in_process(TRAIN, "--help", monkeypatch=monkeypatch, capsys=capsys)
     out = " ".join(out.split())  # undo argparse's line wrapping
     assert status == 0
-    for flag, default in [("--img_size", "256"), ("--batch_size", "1"), ("--train_steps", "3000"),
+    for flag, default in [("--img_size", "256"), ("--batch_size", "1 with --image_path, 16 with --image_dir"),
+                          ("--train_steps", "3000"),
                           ("--lr", "0.001"), ("--image_path", "images/demo.png"),
                           ("--model_save_path", "model_ckpt/<image stem>_unet.pth"), ("--seed", "0"),
                           ("--device", "auto"), ("--base_channels", "16"), ("--channel_mults", "1,2,4,8")]:
@@ -65,7 +66,7 @@ def test_help_states_the_accepted_values_and_the_warm_up(monkeypatch, capsys):
     status, out, _ = run_in_process(TRAIN, "--help", monkeypatch=monkeypatch, capsys=capsys)
     out = " ".join(out.split())
     assert status == 0
-    for flag, accepted in [("--img_size", "1 to 2048"), ("--batch_size", "1 to 64"), ("--train_steps", "1 to 1000000"),
+    for flag, accepted in [("--img_size", "1 to 2048"), ("--batch_size", "1 to 1024"), ("--train_steps", "1 to 1000000"),
                            ("--seed", f"0 to {2**32 - 1}"), ("--base_channels", "8 to 1024"),
                            ("--channel_mults", "1 to 8 levels, each 1 to 64"), ("--max_noise", "above 0, at most 1"),
                            ("--lr", "above 0")]:
@@ -97,7 +98,7 @@ TRAIN_FLAG_ERRORS = [
     (["--train_steps", "0"], "--train_steps: must be an integer from 1 to 1000000"),
     (["--train_steps", "-5"], "--train_steps: must be an integer from 1 to 1000000"),
     (["--train_steps", "ten"], "--train_steps: must be an integer"),
-    (["--batch_size", "0"], "--batch_size: must be an integer from 1 to 64"),
+    (["--batch_size", "0"], "--batch_size: must be an integer from 1 to 1024"),
     (["--lr", "0"], "--lr: must be a finite number above 0"),
     (["--lr", "-0.001"], "--lr: must be a finite number above 0"),
     (["--lr=-1e-3"], "--lr: must be a finite number above 0"),
@@ -108,7 +109,7 @@ TRAIN_FLAG_ERRORS = [
     (["--img_size", "0"], "--img_size: must be an integer from 1 to 2048"),
     (["--base_channels", "12"], "base_channels must be a positive multiple of 8"),
     (["--base_channels", "4"], "--base_channels: must be an integer from 8 to 1024"),
-    (["--batch_size", "65"], "--batch_size: must be an integer from 1 to 64"),
+    (["--batch_size", "1025"], "--batch_size: must be an integer from 1 to 1024"),
     (["--img_size", "4096"], "--img_size: must be an integer from 1 to 2048"),
     (["--channel_mults", "1,2,4,8,8,8,8,8,8"], "--channel_mults: must be 1 to 8 integers from 1 to 64"),
     (["--channel_mults", "1,0"], "--channel_mults: must be 1 to 8 integers from 1 to 64"),

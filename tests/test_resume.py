@@ -87,13 +87,13 @@ def weights(path):
 
 
 def test_ctrl_c_saves_a_snapshot_and_resume_finishes_the_same_run(tmp_path, tiny_image):
-    common = ["--image_path", tiny_image, "--train_steps", 800, "--device", "cpu", *QUICK]
+    common = ["--image_path", tiny_image, "--train_steps", 300, "--device", "cpu", *QUICK]
     ckpt = tmp_path / "run.pth"
     process = subprocess.Popen([sys.executable, TRAIN, *map(str, common), "--model_save_path", str(ckpt)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first_line = process.stdout.readline()  # printed once the Ctrl-C handler is in place
     assert "Ctrl-C saves a snapshot to" in first_line
-    time.sleep(0.5)  # some of the 800 steps
+    time.sleep(0.5)  # some of the 300 steps
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
@@ -101,11 +101,11 @@ def test_ctrl_c_saves_a_snapshot_and_resume_finishes_the_same_run(tmp_path, tiny
     assert f"saved {snapshot}" in err and f"--resume {snapshot}" in err
     assert snapshot.exists() and not ckpt.exists()
     stopped_at = torch.load(snapshot, weights_only=True)["train"]["step"]
-    assert 0 < stopped_at < 800
+    assert 0 < stopped_at < 300
 
     resumed = subprocess.run([sys.executable, TRAIN, "--resume", str(snapshot)], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming {snapshot} at step {stopped_at} of 800" in resumed.stdout
+    assert f"resuming {snapshot} at step {stopped_at} of 300" in resumed.stdout
     assert ckpt.exists() and not snapshot.exists()  # finished: the snapshot has served its purpose
 
     straight = subprocess.run([sys.executable, TRAIN, *map(str, common), "--model_save_path",
@@ -116,7 +116,7 @@ def test_ctrl_c_saves_a_snapshot_and_resume_finishes_the_same_run(tmp_path, tiny
     history = torch.load(ckpt, weights_only=True)["train"]["loss_history"]
     assert history == torch.load(tmp_path / "straight.pth", weights_only=True)["train"]["loss_history"]
     quality = [torch.load(path, weights_only=True)["train"]["quality"] for path in (ckpt, tmp_path / "straight.pth")]
-    assert quality[0]["step"] == quality[1]["step"] == list(range(100, 801, 100))  # every check, once
+    assert quality[0]["step"] == quality[1]["step"] == list(range(100, 301, 100))  # every check, once
     assert quality[0]["psnr_db"] == quality[1]["psnr_db"]
 
 

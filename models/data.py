@@ -1,0 +1,189 @@
+"""Training data: one image or a folder of them, as a torch Dataset, and the order they are drawn in.
+
+One picture is the special case of a folder with one file: both become an
+``ImageFiles`` data set, and the training loop draws its batches from it the
+same way (``batch_stream``). With one image every batch is that image B
+times, each copy noised at its own t.
+
+    list_images(folder)         every image file under a folder, recursively, in sorted order
+    ImageFiles(paths, size)     a Dataset of (3, size, size) tensors in [-1, 1]
+    dataset_digest(root, paths) one SHA-256 naming exactly which files (and bytes) a model saw
+    batch_stream(...)           the endless sequence of index batches, epoch after epoch, per process
+    digits(size)                the 1,797 handwritten digits shipped in data/, as a (N, 3, size, size) tensor
+"""
+
+import hashlib
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset, DistributedSampler
+
+from .errors import UserError
+from .files import file_sha256
+from .imaging import load_image, unit_to_signed
+
+# A folder is decoded once, up front, into memory when its images fit in this many bytes;
+# a bigger one is read file by file as the batches need them.
+CACHE_BYTES = 2 * 2**30
+DIGITS_SHEET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "digits.png")
+DIGITS_COUNT, DIGITS_SIDE, DIGITS_COLUMNS = 1797, 8, 60  # data/digits.png: 60 digits per row, 8x8 px each
+
+
+def image_extensions():
+    """File endings Pillow can open (.png, .jpg, .webp, ...); other files in a folder are not images."""
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def list_images(folder):
+    """Paths of every image file under ``folder``, recursively, sorted; hidden files and folders skipped."""
+    if not os.path.isdir(folder):
+        what = "does not exist" if not os.path.exists(folder) else "is a file, not a folder"
+        raise UserError(f"--image_dir {folder!r} {what}")
+    extensions = image_extensions()
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .git, .ipynb_checkpoints, ...
+        found += [os.path.join(root, name) for name in files
+                  if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions]
+    # sorted by the path inside the folder, so the order does not depend on the file system
+    return sorted(found, key=lambda path: os.path.relpath(path, folder).split(os.sep))
+
+
+def choose_images(folder, num_images=None):
+    """The first ``num_images`` images of the folder (all of them if None); UserError if there are fewer."""
+    paths = list_images(folder)
+    if not paths:
+        raise UserError(f"--image_dir {folder!r} holds no image files (.png, .jpg, .webp or another "
+                        "kind Pillow reads, in it or any sub-folder)")
+    if num_images is not None and num_images > len(paths):
+        raise UserError(f"--num_images {num_images} is more than the {len(paths)} images found in {folder!r}")
+    return paths[:num_images]
+
+
+class ImageFiles(Dataset):
+    """Image files as a Dataset: item i is paths[i] as a (3, size, size) float32 tensor in [-1, 1].
+
+    Each file goes through imaging.load_image (upright, RGB, centre square, resized), so mixed
+    sizes and modes (grayscale, RGBA, palette, 16-bit) all become the same kind of tensor. When
+    they fit in CACHE_BYTES the files are decoded once, here, which also finds an unreadable file
+    before training starts; otherwise each is decoded when a batch needs it.
+    """
+
+    def __init__(self, paths, size, warn=None, cache_bytes=CACHE_BYTES):
+        self.paths, self.size = list(paths), size
+        self.images = None  # (N, 3, size, size) when decoded up front
+        if len(self.paths) * 3 * size * size * 4 <= cache_bytes:
+            enlarged = []  # files smaller than size, which load_image reports one by one
+            self.images = torch.stack([load_image(path, size, warn=enlarged.append)[0] for path in self.paths])
+            if len(enlarged) == 1 and warn is not None:
+                warn(enlarged[0])
+            elif enlarged and warn is not None:
+                warn(f"{len(enlarged)} of the {len(self.paths)} images are smaller than {size}x{size} px and "
+                     f"are enlarged, so they will look soft ({enlarged[0]})")
+        else:
+            for path in self.paths:  # check that each opens; decoding waits for its batch
+                _check_opens(path)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        if self.images is not None:
+            return self.images[index]
+        return load_image(self.paths[index], self.size)[0]
+
+
+class ImageTensors(Dataset):
+    """Images already in memory, (N, 3, H, W) in [-1, 1], as a Dataset (the digits, in the experiment)."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index]
+
+
+def _check_opens(path):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.verify()
+    except Exception as exc:  # Pillow raises many kinds here
+        raise UserError(f"image {path!r} cannot be read as an image ({exc})") from None
+
+
+def dataset_digest(root, paths):
+    """One SHA-256 over every file's path (relative to ``root``) and the SHA-256 of its bytes, in order.
+
+    Two data sets get the same digest only if they hold the same files, under the same names, in
+    the same order: what --resume checks before it continues a run.
+    """
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(f"{os.path.relpath(path, root)}\0{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def per_process_batch(batch_size, world_size):
+    """Images per step in each process: --batch_size counts the whole step, split evenly across processes."""
+    if batch_size % world_size:
+        raise UserError(f"--batch_size {batch_size} cannot be split evenly across {world_size} processes "
+                        f"(choose a multiple of {world_size})")
+    return batch_size // world_size
+
+
+def batch_stream(num_items, batch_size, seed, rank=0, world_size=1, start_step=0):
+    """Endless lists of dataset indices, ``batch_size`` per list, for process ``rank`` of ``world_size``.
+
+    Epoch e is a permutation of the data set drawn from seed + e (DistributedSampler with
+    set_epoch(e)), the same permutation in every process, which takes every world_size-th index
+    of it: so in each epoch the processes see different images. Batches run on across epoch
+    boundaries. The first ``start_step`` batches are skipped, so a resumed run draws the batches
+    the stopped run would have drawn next.
+
+    A pitfall of DistributedSampler: when the data set does not divide evenly among the processes,
+    it pads the permutation with its own first images, so those images are seen twice that epoch
+    (6 images on 4 processes: 8 slots, 2 repeated). With many images per epoch this is noise; with
+    a handful it tilts the data, so keep N a multiple of the process count in small experiments.
+    It draws from its own generator, never from the one that draws t and eps, so one image on one
+    process draws exactly the noise it always drew.
+    """
+    sampler = DistributedSampler(range(num_items), num_replicas=world_size, rank=rank, shuffle=num_items > 1,
+                                 seed=seed, drop_last=False)
+    skip = start_step * batch_size
+    epoch, batch = 0, []
+    while True:
+        sampler.set_epoch(epoch)
+        if skip >= len(sampler):  # a whole epoch that was already used: no need to draw it
+            skip -= len(sampler)
+        else:
+            for index in list(sampler)[skip:]:
+                batch.append(index)
+                if len(batch) == batch_size:
+                    yield batch
+                    batch = []
+            skip = 0
+        epoch += 1
+
+
+def digits(size):
+    """The 1,797 handwritten digits of data/digits.png as a (1797, 3, size, size) float32 tensor in [-1, 1].
+
+    White strokes on black, 8x8 px in the source, enlarged to ``size`` px with bilinear interpolation.
+    See data/README.md for where they come from and their licence.
+    """
+    with Image.open(DIGITS_SHEET) as sheet:
+        pixels = np.asarray(sheet.convert("L"), dtype=np.float32) / 255.0  # (rows * 8, 60 * 8)
+    rows = pixels.shape[0] // DIGITS_SIDE
+    tiles = pixels.reshape(rows, DIGITS_SIDE, DIGITS_COLUMNS, DIGITS_SIDE).transpose(0, 2, 1, 3)
+    small = torch.from_numpy(tiles.reshape(-1, 1, DIGITS_SIDE, DIGITS_SIDE)[:DIGITS_COUNT].copy())
+    large = F.interpolate(small, size=(size, size), mode="bilinear", align_corners=False) if size != DIGITS_SIDE else small
+    return unit_to_signed(large.clamp(0, 1)).expand(-1, 3, -1, -1).contiguous()

@@ -168,3 +168,18 @@ def denoise(model, x_t, t_start, schedule, steps=1, trajectory=None, eta=0.0, ge
         z = torch.randn(x.shape, generator=generator).to(x.device) if eta > 0 else None
         x = ddim_step(x, x0_hat, w_k, w_next, eta, z)
     return x0_hat
+
+
+def generate(model, schedule, shape, steps, eta=0.0, seed=0, device="cpu"):
+    """New images from pure noise: start at t = T, where w = 1 and x_T = eps, and denoise in ``steps`` steps.
+
+    shape: (K, C, H, W). The noise comes from noise_stream(seed): x_T first, then the sampler's
+    fresh noise (eta above 0), so a seed gives the same images on every device. Needs a model
+    trained with max_noise = 1; a denoiser never saw pure noise (ValueError).
+    """
+    if schedule.max_noise < 1:
+        raise ValueError(f"the model was trained with max_noise {schedule.max_noise:g}, so it never saw pure noise: "
+                         "it is a denoiser, not a generator (train with --max_noise 1, or on a folder)")
+    noise = noise_stream(seed)
+    x_T = torch.randn(shape, generator=noise)
+    return denoise(model, x_T.to(device), schedule.num_timesteps, schedule, steps, eta=eta, generator=noise)

@@ -7,6 +7,8 @@
     save_loss_curve     training loss against step
     save_loss_by_noise  training loss against noise level w, binned
     save_quality_curve  PSNR during training against wall time
+    save_image_grid     samples in a grid
+    save_nearest_pairs  samples beside their nearest training images
 
 Nothing here computes a metric or runs the model. Matplotlib is used through
 its object API (Figure + the Agg canvas), so no window or global state is
@@ -71,6 +73,14 @@ def save_triptych(panels, path):
     _save(fig, path)
 
 
+def transition_runs(runs):
+    """The runs around the switch: from the last N that copied every sample to the first that copied none."""
+    fractions = [run["memorized_fraction"] for run in runs]
+    first = max([i for i, f in enumerate(fractions) if f == 1.0], default=0)
+    last = next((i for i, f in enumerate(fractions) if i > first and f == 0.0), len(runs) - 1)
+    return runs[first : last + 1]
+
+
 def pick_steps(count, most=MAX_TRAJECTORY_COLUMNS):
     """Indices of at most ``most`` steps out of ``count``, evenly spread, first and last included."""
     if count <= most:
@@ -100,6 +110,14 @@ def save_trajectory(trajectory, path):
                  fontsize=13)
     fig.tight_layout(rect=(0.02, 0, 1, 0.97))
     _save(fig, path)
+
+
+def transition_runs(runs):
+    """The runs around the switch: from the last N that copied every sample to the first that copied none."""
+    fractions = [run["memorized_fraction"] for run in runs]
+    first = max([i for i, f in enumerate(fractions) if f == 1.0], default=0)
+    last = next((i for i, f in enumerate(fractions) if i > first and f == 0.0), len(runs) - 1)
+    return runs[first : last + 1]
 
 
 def save_trajectory_gif(trajectory, path, frame_ms=250, most_frames=25):
@@ -159,6 +177,14 @@ def save_sweep(columns, curves, max_noise, path):
     _save(fig, path)
 
 
+def transition_runs(runs):
+    """The runs around the switch: from the last N that copied every sample to the first that copied none."""
+    fractions = [run["memorized_fraction"] for run in runs]
+    first = max([i for i, f in enumerate(fractions) if f == 1.0], default=0)
+    last = next((i for i, f in enumerate(fractions) if i > first and f == 0.0), len(runs) - 1)
+    return runs[first : last + 1]
+
+
 def save_loss_curve(losses, path, smoothing=50):
     """Training loss against step, raw and as a moving average, on a log scale."""
     losses = np.asarray(losses, dtype=np.float64)
@@ -178,6 +204,14 @@ def save_loss_curve(losses, path, smoothing=50):
     ax.legend()
     fig.tight_layout()
     _save(fig, path)
+
+
+def transition_runs(runs):
+    """The runs around the switch: from the last N that copied every sample to the first that copied none."""
+    fractions = [run["memorized_fraction"] for run in runs]
+    first = max([i for i, f in enumerate(fractions) if f == 1.0], default=0)
+    last = next((i for i, f in enumerate(fractions) if i > first and f == 0.0), len(runs) - 1)
+    return runs[first : last + 1]
 
 
 def save_quality_curve(quality, milestones, path):
@@ -201,6 +235,14 @@ def save_quality_curve(quality, milestones, path):
     ax.legend(loc="lower right")
     fig.tight_layout()
     _save(fig, path)
+
+
+def transition_runs(runs):
+    """The runs around the switch: from the last N that copied every sample to the first that copied none."""
+    fractions = [run["memorized_fraction"] for run in runs]
+    first = max([i for i, f in enumerate(fractions) if f == 1.0], default=0)
+    last = next((i for i, f in enumerate(fractions) if i > first and f == 0.0), len(runs) - 1)
+    return runs[first : last + 1]
 
 
 def save_loss_by_noise(ws, losses, max_noise, path, bins=16, parts=3):
@@ -229,3 +271,95 @@ def save_loss_by_noise(ws, losses, max_noise, path, bins=16, parts=3):
     ax.legend()
     fig.tight_layout()
     _save(fig, path)
+
+
+def transition_runs(runs):
+    """The runs around the switch: from the last N that copied every sample to the first that copied none."""
+    fractions = [run["memorized_fraction"] for run in runs]
+    first = max([i for i, f in enumerate(fractions) if f == 1.0], default=0)
+    last = next((i for i, f in enumerate(fractions) if i > first and f == 0.0), len(runs) - 1)
+    return runs[first : last + 1]
+
+
+def save_image_grid(images, path, columns=8, min_tile_px=64):
+    """Images (K, 3, H, W) in [-1, 1] as one PNG grid, ``columns`` wide, each enlarged (pixels kept
+    sharp) to at least ``min_tile_px`` so that small samples can be seen."""
+    grid = make_grid(images.detach().float().cpu(), nrow=min(columns, len(images)), padding=1, pad_value=1.0)
+    scale = max(1, -(-min_tile_px // images.shape[-1]))  # ceil
+    picture = to_pil(grid)
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    with atomic_write(path) as tmp:
+        picture.save(tmp, format="png", compress_level=PNG_COMPRESS_LEVEL)
+
+
+def save_nearest_pairs(pairs, path, title, columns=4):
+    """Each sample beside its nearest training image, captioned with d1/d2.
+
+    pairs: list of (sample (3, H, W), nearest training image (3, H, W), caption), at most a few dozen.
+    """
+    rows = -(-len(pairs) // columns)
+    header_in, row_in = 0.5, 1.5  # inches: the title, then one row of pairs with its caption
+    height = header_in + rows * row_in
+    fig = _new_figure(2.4 * columns, height)
+    fig.suptitle(title, fontsize=11, y=1 - 0.12 / height)
+    for index, (sample, nearest, caption) in enumerate(pairs):
+        row, column = divmod(index, columns)
+        bottom = (height - header_in - (row + 1) * row_in) / height
+        ax = fig.add_axes((column / columns + 0.01, bottom, 1 / columns - 0.02, 0.8 * row_in / height))
+        pair = make_grid(torch.stack([sample, nearest]).float().cpu(), nrow=2, padding=1, pad_value=1.0)
+        _show(ax, pair)
+        ax.set_title(caption, fontsize=8)
+    _save(fig, path)
+
+
+def transition_runs(runs):
+    """The runs around the switch: from the last N that copied every sample to the first that copied none."""
+    fractions = [run["memorized_fraction"] for run in runs]
+    first = max([i for i, f in enumerate(fractions) if f == 1.0], default=0)
+    last = next((i for i, f in enumerate(fractions) if i > first and f == 0.0), len(runs) - 1)
+    return runs[first : last + 1]
+
+
+def save_memorization(runs, path):
+    """The memorisation experiment: the memorised fraction against N; how close samples and held-out
+    real images come to the training set; and the fraction against training steps for a few N.
+
+    runs: list of dicts with num_images, memorized_fraction, median_d1, held_out_median_d1 (optional)
+    and curve = {step: [...], memorized_fraction: [...]}.
+    """
+    fig = _new_figure(15, 4.2)
+    n = [run["num_images"] for run in runs]
+    ax = fig.add_axes((0.05, 0.14, 0.27, 0.74))
+    ax.plot(n, [100 * run["memorized_fraction"] for run in runs], "o-", color="tab:red")
+    ax.set(xscale="log", xlabel="training images N", ylabel="samples memorised (%)", ylim=(-3, 103),
+           title="copies of a training image (d1/d2 < 1/3)")
+    ax.grid(alpha=0.3)
+
+    ax = fig.add_axes((0.38, 0.14, 0.27, 0.74))
+    ax.plot(n, [run["median_d1"] for run in runs], "o-", label="samples")
+    held = [(run["num_images"], run["held_out_median_d1"]) for run in runs if "held_out_median_d1" in run]
+    if held:
+        ax.plot(*zip(*held), "s--", color="gray", label="real digits never trained on")
+    ax.set(xscale="log", xlabel="training images N", ylabel="median distance d1 to the nearest training image",
+           title="how close to the training set")
+    ax.legend(fontsize=9)
+    ax.grid(alpha=0.3)
+
+    ax = fig.add_axes((0.71, 0.14, 0.27, 0.74))
+    picks = transition_runs(runs)
+    for run in picks:
+        ax.plot(run["curve"]["step"], [100 * f for f in run["curve"]["memorized_fraction"]], "o-", ms=3,
+                label=f"N = {run['num_images']}")
+    ax.set(xlabel="training step", ylabel="samples memorised (%)", ylim=(-3, 103),
+           title="memorisation sets in later for larger N")
+    ax.legend(fontsize=9)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def transition_runs(runs):
+    """The runs around the switch: from the last N that copied every sample to the first that copied none."""
+    fractions = [run["memorized_fraction"] for run in runs]
+    first = max([i for i, f in enumerate(fractions) if f == 1.0], default=0)
+    last = next((i for i, f in enumerate(fractions) if i > first and f == 0.0), len(runs) - 1)
+    return runs[first : last + 1]

@@ -63,3 +63,44 @@ def ssim(image, reference):
     c1, c2 = SSIM_K1**2, SSIM_K2**2
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return ssim_map.mean(dim=(1, 2, 3)).mean().item()  # per channel, then over channels
+
+
+MEMORIZED_RATIO = 1 / 3  # a sample is a copy when its nearest training image is 3x closer than the second
+
+
+def nearest_training_images(samples, training, chunk=256):
+    """For each sample, how close its nearest training image is, relative to the next nearest.
+
+    Distances are L2 over all pixels and channels on the [0, 1] scale (images in [-1, 1] are
+    mapped there). Returns (index of the nearest, d1, d2, ratio = d1 / d2), each of shape (K,).
+    A sample that copies a training image has ratio near 0; one halfway between two has 1.
+    A sample counts as memorised when ratio < MEMORIZED_RATIO (Yoon et al. 2023, Gu et al. 2023).
+
+    With one training image there is no second neighbour; d2 is then the distance from that
+    image to a flat image of its own mean colour: a sample that keeps only the colour scores 1,
+    an exact copy 0, and the same threshold applies.
+
+    ``training`` is a (N, C, H, W) tensor or a Dataset of (C, H, W) images, read ``chunk`` at a time.
+    """
+    flat = signed_to_unit_flat(samples)  # (K, D)
+    best = torch.full((len(flat), 2), math.inf, dtype=torch.float64)
+    best_index = torch.zeros(len(flat), 2, dtype=torch.long)
+    count = len(training)
+    for start in range(0, count, chunk):
+        part = torch.stack([training[i] for i in range(start, min(start + chunk, count))])
+        d = torch.cdist(flat, signed_to_unit_flat(part), compute_mode="donot_use_mm_for_euclid_dist")
+        merged = torch.cat([best, d], dim=1)
+        merged_index = torch.cat([best_index, torch.arange(start, start + len(part)).expand(len(flat), -1)], dim=1)
+        best, order = merged.topk(2, dim=1, largest=False)  # the two smallest so far, in order
+        best_index = merged_index.gather(1, order)
+    d1, d2 = best[:, 0], best[:, 1]
+    if count == 1:
+        image = training[0]  # (C, H, W)
+        flat_colour = image.mean(dim=(-2, -1), keepdim=True).expand_as(image)  # its mean colour everywhere
+        d2 = torch.full_like(d1, float(torch.dist(signed_to_unit_flat(image[None]), signed_to_unit_flat(flat_colour[None]))))
+    return best_index[:, 0], d1, d2, d1 / d2
+
+
+def signed_to_unit_flat(images):
+    """(K, C, H, W) in [-1, 1] -> (K, C*H*W) float64 in [0, 1]."""
+    return ((images.detach().double().cpu() + 1) / 2).flatten(1)

@@ -73,14 +73,6 @@ def save_triptych(panels, path):
     _save(fig, path)
 
 
-def transition_runs(runs):
-    """The runs around the switch: from the last N that copied every sample to the first that copied none."""
-    fractions = [run["memorized_fraction"] for run in runs]
-    first = max([i for i, f in enumerate(fractions) if f == 1.0], default=0)
-    last = next((i for i, f in enumerate(fractions) if i > first and f == 0.0), len(runs) - 1)
-    return runs[first : last + 1]
-
-
 def pick_steps(count, most=MAX_TRAJECTORY_COLUMNS):
     """Indices of at most ``most`` steps out of ``count``, evenly spread, first and last included."""
     if count <= most:
@@ -110,14 +102,6 @@ def save_trajectory(trajectory, path):
                  fontsize=13)
     fig.tight_layout(rect=(0.02, 0, 1, 0.97))
     _save(fig, path)
-
-
-def transition_runs(runs):
-    """The runs around the switch: from the last N that copied every sample to the first that copied none."""
-    fractions = [run["memorized_fraction"] for run in runs]
-    first = max([i for i, f in enumerate(fractions) if f == 1.0], default=0)
-    last = next((i for i, f in enumerate(fractions) if i > first and f == 0.0), len(runs) - 1)
-    return runs[first : last + 1]
 
 
 def save_trajectory_gif(trajectory, path, frame_ms=250, most_frames=25):
@@ -177,14 +161,6 @@ def save_sweep(columns, curves, max_noise, path):
     _save(fig, path)
 
 
-def transition_runs(runs):
-    """The runs around the switch: from the last N that copied every sample to the first that copied none."""
-    fractions = [run["memorized_fraction"] for run in runs]
-    first = max([i for i, f in enumerate(fractions) if f == 1.0], default=0)
-    last = next((i for i, f in enumerate(fractions) if i > first and f == 0.0), len(runs) - 1)
-    return runs[first : last + 1]
-
-
 def save_loss_curve(losses, path, smoothing=50):
     """Training loss against step, raw and as a moving average, on a log scale."""
     losses = np.asarray(losses, dtype=np.float64)
@@ -204,14 +180,6 @@ def save_loss_curve(losses, path, smoothing=50):
     ax.legend()
     fig.tight_layout()
     _save(fig, path)
-
-
-def transition_runs(runs):
-    """The runs around the switch: from the last N that copied every sample to the first that copied none."""
-    fractions = [run["memorized_fraction"] for run in runs]
-    first = max([i for i, f in enumerate(fractions) if f == 1.0], default=0)
-    last = next((i for i, f in enumerate(fractions) if i > first and f == 0.0), len(runs) - 1)
-    return runs[first : last + 1]
 
 
 def save_quality_curve(quality, milestones, path):
@@ -235,14 +203,6 @@ def save_quality_curve(quality, milestones, path):
     ax.legend(loc="lower right")
     fig.tight_layout()
     _save(fig, path)
-
-
-def transition_runs(runs):
-    """The runs around the switch: from the last N that copied every sample to the first that copied none."""
-    fractions = [run["memorized_fraction"] for run in runs]
-    first = max([i for i, f in enumerate(fractions) if f == 1.0], default=0)
-    last = next((i for i, f in enumerate(fractions) if i > first and f == 0.0), len(runs) - 1)
-    return runs[first : last + 1]
 
 
 def save_loss_by_noise(ws, losses, max_noise, path, bins=16, parts=3):
@@ -271,14 +231,6 @@ def save_loss_by_noise(ws, losses, max_noise, path, bins=16, parts=3):
     ax.legend()
     fig.tight_layout()
     _save(fig, path)
-
-
-def transition_runs(runs):
-    """The runs around the switch: from the last N that copied every sample to the first that copied none."""
-    fractions = [run["memorized_fraction"] for run in runs]
-    first = max([i for i, f in enumerate(fractions) if f == 1.0], default=0)
-    last = next((i for i, f in enumerate(fractions) if i > first and f == 0.0), len(runs) - 1)
-    return runs[first : last + 1]
 
 
 def save_image_grid(images, path, columns=8, min_tile_px=64):
@@ -310,14 +262,6 @@ def save_nearest_pairs(pairs, path, title, columns=4):
         _show(ax, pair)
         ax.set_title(caption, fontsize=8)
     _save(fig, path)
-
-
-def transition_runs(runs):
-    """The runs around the switch: from the last N that copied every sample to the first that copied none."""
-    fractions = [run["memorized_fraction"] for run in runs]
-    first = max([i for i, f in enumerate(fractions) if f == 1.0], default=0)
-    last = next((i for i, f in enumerate(fractions) if i > first and f == 0.0), len(runs) - 1)
-    return runs[first : last + 1]
 
 
 def save_memorization(runs, path):

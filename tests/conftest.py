@@ -98,3 +98,21 @@ def bad_image(tmp_path, kind):
             buffer, format="PNG")
         path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     return path
+
+
+def train_until_a_power_cut(*args, at_step, monkeypatch, capsys):
+    """Run ddpm_train.py in this process until the machine "loses power" before step ``at_step`` + 1
+    (an exception the script does not catch), so only its periodic snapshots survive."""
+    import models.training
+
+    real_step = models.training.Trainer.train_step
+
+    def crash(self):
+        if self.step == at_step:
+            raise RuntimeError("power cut")
+        real_step(self)
+
+    monkeypatch.setattr(models.training.Trainer, "train_step", crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_in_process(TRAIN, *args, monkeypatch=monkeypatch, capsys=capsys)
+    monkeypatch.setattr(models.training.Trainer, "train_step", real_step)

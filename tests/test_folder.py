@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_NET, TRAIN, run_in_process, smooth_test_image
+from conftest import TINY_NET, TRAIN, run_in_process, smooth_test_image, train_until_a_power_cut
 from models import NoiseSchedule, UNet, load_checkpoint, load_image
 from models.data import ImageFiles, batch_stream, choose_images, dataset_digest, digits, list_images
 from models.diffusion import training_losses
@@ -206,24 +206,14 @@ def test_a_folder_run_records_its_files_and_defaults_to_a_generator(tmp_path, mo
 
 
 def test_resume_of_a_folder_run_continues_exactly_and_refuses_a_changed_folder(tmp_path, monkeypatch, capsys):
-    import models.training
-
     folder = photo_folder(tmp_path / "photos")
     common = ["--image_dir", folder, *QUICK, "--train_steps", 6, "--batch_size", 2, "--save_every", 3]
     straight = run_in_process(TRAIN, *common, "--model_save_path", tmp_path / "straight.pth",
                               monkeypatch=monkeypatch, capsys=capsys)
     assert straight[0] == 0, straight[2]
 
-    def crash(self):
-        if self.step == 4:
-            raise RuntimeError("power cut")
-        real_step(self)
-
-    real_step = models.training.Trainer.train_step
-    monkeypatch.setattr(models.training.Trainer, "train_step", crash)
-    with pytest.raises(RuntimeError, match="power cut"):
-        run_in_process(TRAIN, *common, "--model_save_path", tmp_path / "m.pth", monkeypatch=monkeypatch, capsys=capsys)
-    monkeypatch.setattr(models.training.Trainer, "train_step", real_step)
+    train_until_a_power_cut(*common, "--model_save_path", tmp_path / "m.pth", at_step=4, monkeypatch=monkeypatch,
+                            capsys=capsys)
     snapshot = tmp_path / "m.resume.pth"
 
     Image.fromarray(smooth_test_image(seed=9)).save(folder / "img_9.png")  # a new image joins the folder

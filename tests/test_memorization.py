@@ -73,3 +73,11 @@ def test_the_readmes_describe_the_shipped_runs_as_they_came_out():
             f"{min(real):.1f} to {max(real):.1f}") in english
     chinese = "".join(open(os.path.join(REPO, "README.md"), encoding="utf-8").read().split())
     assert f"样本的距离是{min(samples):.1f}到{max(samples):.1f}，没见过的真实数字是{min(real):.1f}到{max(real):.1f}" in chinese
+
+
+def test_the_training_curves_shown_are_those_around_the_switch():
+    from models.figures import transition_runs
+
+    runs = [{"num_images": n, "memorized_fraction": f} for n, f in [(1, 1.0), (4, 1.0), (8, 0.9), (16, 0.5),
+                                                                    (64, 0.0), (128, 0.0)]]
+    assert [run["num_images"] for run in transition_runs(runs)] == [4, 8, 16, 64]

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import TINY_NET, TRAIN, run_in_process
+from conftest import TINY_NET, TRAIN, run_in_process, train_until_a_power_cut
 from models import NoiseSchedule, UNet, load_checkpoint, load_image, save_checkpoint
 from models.training import NonFiniteLoss, Trainer
 from test_cli import one_error_line
@@ -175,19 +175,8 @@ def test_a_failed_save_is_one_error_line_and_leaves_nothing_behind(tmp_path, tin
 @pytest.fixture
 def snapshot(tmp_path, tiny_image, monkeypatch, capsys):
     """A snapshot of a 6-step run stopped after step 3 (made with --save_every and a crash)."""
-    import models.training
-
-    def crash(self):
-        if self.step == 4:
-            raise RuntimeError("power cut")
-        real_step(self)
-
-    real_step = models.training.Trainer.train_step
-    monkeypatch.setattr(models.training.Trainer, "train_step", crash)
-    with pytest.raises(RuntimeError, match="power cut"):
-        run_in_process(TRAIN, "--image_path", tiny_image, "--model_save_path", tmp_path / "m.pth",
-                       "--train_steps", 6, "--save_every", 3, *QUICK, monkeypatch=monkeypatch, capsys=capsys)
-    monkeypatch.setattr(models.training.Trainer, "train_step", real_step)
+    train_until_a_power_cut("--image_path", tiny_image, "--model_save_path", tmp_path / "m.pth", "--train_steps", 6,
+                            "--save_every", 3, *QUICK, at_step=4, monkeypatch=monkeypatch, capsys=capsys)
     path = tmp_path / "m.resume.pth"
     assert torch.load(path, weights_only=True)["train"]["step"] == 3
     return path

@@ -15,8 +15,9 @@ from test_cli import one_error_line
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # flag -> (lowest, highest) valid integer
-TRAIN_INT_FLAGS = {"--img_size": (1, 2048), "--batch_size": (1, 64), "--train_steps": (1, 1_000_000),
-                   "--seed": (0, 2**32 - 1), "--base_channels": (8, 1024), "--save_every": (0, 1_000_000)}
+TRAIN_INT_FLAGS = {"--img_size": (1, 2048), "--batch_size": (1, 1024), "--train_steps": (1, 1_000_000),
+                   "--seed": (0, 2**32 - 1), "--base_channels": (8, 1024), "--save_every": (0, 1_000_000),
+                   "--num_images": (1, 10**8)}
 INFER_INT_FLAGS = {"--t": (0, 1000), "--seed": (0, 2**32 - 1)}
 
 not_a_number = st.text(alphabet="abcxyz_,:;!?", min_size=1)

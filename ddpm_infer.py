@@ -114,6 +114,10 @@ def resolve_image_path(requested, trained_on):
             warn(f"this model was trained on {path!r}, not on {requested!r}: it memorised that picture "
                  "and will pull the output towards it")
         return requested
+    if path is None and "image_dir" in trained_on:
+        raise UserError(f"this model learned a folder ({trained_on.get('num_images')} images of "
+                        f"{trained_on['image_dir']}), not one picture: pass the picture to noise with --image_path, "
+                        "or generate with ddpm_sample.py")
     if path is None:
         raise UserError("the checkpoint does not record the image it was trained on; pass one with --image_path")
     if not os.path.isfile(path):

@@ -143,3 +143,10 @@ def test_a_denoiser_cannot_generate_and_bad_outputs_are_refused(tmp_path, monkey
         result = sample("--model_path", generator, *args, monkeypatch=monkeypatch, capsys=capsys)
         assert message in one_error_line(*result)
     assert not os.path.exists("samples")
+
+
+def test_ddpm_infer_on_a_folder_model_asks_for_a_picture_in_one_line(tmp_path, monkeypatch, capsys):
+    model, _ = generator_checkpoint(tmp_path)
+    result = run_in_process(os.path.join(REPO, "ddpm_infer.py"), "--model_path", model, "--result_path",
+                            tmp_path / "r.png", monkeypatch=monkeypatch, capsys=capsys)
+    assert "learned a folder (3 images of" in one_error_line(*result) and not (tmp_path / "r.png").exists()

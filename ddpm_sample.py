@@ -22,7 +22,6 @@ second-nearest training image; a sample with d1/d2 < 1/3 counts as memorised
 import json
 import os
 
-import torch
 
 from models.checkpoint import load_checkpoint
 from models.cli import (MAX_SEED, ArgumentParser, add_device_argument, int_in_range, pick_device, run, warn,

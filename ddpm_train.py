@@ -44,7 +44,6 @@ from models.diffusion import DEFAULT_MAX_NOISE, NoiseSchedule, denoise, seeded_n
 from models.errors import UserError
 from models.figures import save_loss_by_noise, save_loss_curve, save_quality_curve
 from models.files import atomic_write, check_writable, file_sha256
-from models.imaging import load_image
 from models.metrics import psnr
 from models.training import WARMUP_STEPS, NonFiniteLoss, Trainer, rank_seed
 from models.unet_model import UNet, check_image_size
@@ -175,19 +174,16 @@ class TrainingData:
     ``identity`` is the digest that says whether two runs saw the same data.
     """
 
-    def __init__(self, args):
+    def __init__(self, args, paths):
+        self.dataset = ImageFiles(paths, args.img_size, warn=warn)
         if args.image_dir is not None:
-            self.paths = choose_images(args.image_dir, args.num_images)
-            self.dataset = ImageFiles(self.paths, args.img_size, warn=warn)
-            self.identity = dataset_digest(args.image_dir, self.paths)
+            self.identity = dataset_digest(args.image_dir, paths)
             self.record = {"img_size": args.img_size, "image_dir": args.image_dir,
-                           "image_dir_absolute": os.path.abspath(args.image_dir), "num_images": len(self.paths),
-                           "files": [os.path.relpath(path, args.image_dir) for path in self.paths],
+                           "image_dir_absolute": os.path.abspath(args.image_dir), "num_images": len(paths),
+                           "files": [os.path.relpath(path, args.image_dir) for path in paths],
                            "dataset_sha256": self.identity}
-            self.name = f"{len(self.paths)} images of {args.image_dir}"
+            self.name = f"{len(paths)} images of {args.image_dir}"
         else:
-            self.paths = [args.image_path]
-            self.dataset = ImageFiles(self.paths, args.img_size, warn=warn)
             self.identity = file_sha256(args.image_path)
             self.record = {"img_size": args.img_size, "image_path": args.image_path, "image_sha256": self.identity}
             self.name = args.image_path
@@ -437,10 +433,11 @@ def main():
     args.model_save_path = args.model_save_path or default_save_path(source)
     paths = companion_paths(args.model_save_path)
     snapshot_path = paths["snapshot"]
-    inputs = choose_images(args.image_dir, args.num_images) if args.image_dir is not None else [args.image_path]
+    # the files to learn: listed now, so that no output may overwrite one; decoded after the checks
+    images = choose_images(args.image_dir, args.num_images) if args.image_dir is not None else [args.image_path]
     for name, path in {"--model_save_path": args.model_save_path, **paths}.items():
-        check_writable(path, name, inputs=inputs)
-    data = TrainingData(args)
+        check_writable(path, name, inputs=images)
+    data = TrainingData(args, images)
     if snapshot is not None:
         check_same_data(args, snapshot, data)
     if not chosen_path:

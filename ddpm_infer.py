@@ -18,15 +18,16 @@ import os
 
 import torch
 
-from models.checkpoint import load_checkpoint
-from models.cli import (MAX_SEED, ArgumentParser, add_device_argument, int_in_range, pick_device, run, warn,
-                        zero_to_one)
-from models.diffusion import NUM_TIMESTEPS, denoise, noise_stream, timestep_grid
-from models.errors import UserError
-from models.figures import save_sweep, save_trajectory, save_trajectory_gif, save_triptych
-from models.files import check_writable, file_sha256
-from models.imaging import load_image, save_image
-from models.metrics import psnr, ssim
+from ddpm.checkpoint import load_checkpoint
+from ddpm.cli import (MAX_SEED, ArgumentParser, add_device_argument, int_in_range, pick_device, run, warn,
+                      zero_to_one)
+from ddpm.data import recorded_training_data
+from ddpm.diffusion import NUM_TIMESTEPS, denoise, noise_stream, timestep_grid
+from ddpm.errors import UserError
+from ddpm.figures import save_sweep, save_trajectory, save_trajectory_gif, save_triptych
+from ddpm.files import check_writable, file_sha256
+from ddpm.imaging import load_image, save_image
+from ddpm.metrics import psnr, ssim
 
 SWEEP_WEIGHTS = [i / 10 for i in range(11)]  # w = 0, 0.1, ..., 1
 SWEEP_STEPS = 10  # the sweep's multi-step curve, unless --steps says otherwise
@@ -57,7 +58,7 @@ def parse_args(argv=None):
     parser.add_argument("--sweep_path", default="images/noise_sweep.png", help="where the sweep figure goes")
     parser.add_argument("--eta", type=zero_to_one, default=0.0,
                         help="fresh noise per step: 0 is the deterministic DDIM step, 1 is DDPM's ancestral "
-                             "sampling (models/diffusion.py, ddim_step)")
+                             "sampling (ddpm/diffusion.py, ddim_step)")
     parser.add_argument("--seed", type=int_in_range(0, MAX_SEED), default=0,
                         help="seed for the noise eps, and for the fresh noise of --eta above 0")
     add_device_argument(parser)
@@ -108,25 +109,17 @@ def resolve_image_path(requested, trained_on):
     ``trained_on`` is the checkpoint's "data": the training image's path and SHA-256. A model has
     memorised its own picture; shown another one, it pulls the output towards its own (a warning).
     """
-    path, sha256 = trained_on.get("image_path"), trained_on.get("image_sha256")
     if requested is not None:
+        sha256 = trained_on.get("image_sha256")  # None for a folder's model
         if sha256 and os.path.isfile(requested) and file_sha256(requested) != sha256:
-            warn(f"this model was trained on {path!r}, not on {requested!r}: it memorised that picture "
-                 "and will pull the output towards it")
+            warn(f"this model was trained on {trained_on['image_path']!r}, not on {requested!r}: it memorised "
+                 "that picture and will pull the output towards it")
         return requested
-    if path is None and "image_dir" in trained_on:
+    if "image_dir" in trained_on:
         raise UserError(f"this model learned a folder ({trained_on.get('num_images')} images of "
                         f"{trained_on['image_dir']}), not one picture: pass the picture to noise with --image_path, "
                         "or generate with ddpm_sample.py")
-    if path is None:
-        raise UserError("the checkpoint does not record the image it was trained on; pass one with --image_path")
-    if not os.path.isfile(path):
-        raise UserError(f"the model was trained on {path!r}, which is not there (restore it, or pass the "
-                        "picture with --image_path)")
-    if sha256 and file_sha256(path) != sha256:
-        raise UserError(f"{path!r} has changed since the model was trained on it (restore it, or pass it "
-                        "with --image_path to denoise it anyway)")
-    return path
+    return recorded_training_data(trained_on, fix="restore it, or pass the picture with --image_path").paths[0]
 
 
 def check_steps(t, steps):

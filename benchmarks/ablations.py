@@ -34,11 +34,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.benchmark import write_results  # noqa: E402
-from models.cli import ArgumentParser, int_in_range, keep_freed_memory, run  # noqa: E402
-from models.files import check_writable  # noqa: E402
-from models.diffusion import NoiseSchedule  # noqa: E402
-from models.imaging import load_image  # noqa: E402
-from models.training import Trainer  # noqa: E402
+from ddpm.cli import ArgumentParser, int_in_range, keep_freed_memory, run  # noqa: E402
+from ddpm.files import check_writable  # noqa: E402
+from ddpm.diffusion import NoiseSchedule  # noqa: E402
+from ddpm.imaging import load_image  # noqa: E402
+from ddpm.training import Trainer  # noqa: E402
 from models.unet_model import UNet, side_fits  # noqa: E402
 
 IMAGE = REPO / "images" / "demo.png"

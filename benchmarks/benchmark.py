@@ -6,7 +6,7 @@
 
 The task is the one ddpm_train.py does: fit ONE image under linear-interpolation
 noising, x_t = (1 - w) x0 + w eps, with x0 as the target, batch 1. Every model
-is trained by the same loop (models/training.py: Adam, warm-up, cosine decay,
+is trained by the same loop (ddpm/training.py: Adam, warm-up, cosine decay,
 clipping) from the same seed, so each sees the same sequence of t and eps.
 For each image size and each model it reports:
 
@@ -38,7 +38,6 @@ Results are printed as a table and written to a JSON file (--json).
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -49,22 +48,23 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # run as a script from anywhere: models/ and benchmarks/ import
+sys.path.insert(0, str(REPO))  # run as a script from anywhere: ddpm/, models/ and benchmarks/ import
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from benchmarks import peers  # noqa: E402
-from models.cli import (MAX_SEED, ArgumentParser, add_device_argument, int_in_range,  # noqa: E402
-                        keep_freed_memory, pick_device, run)
-from models.errors import UserError  # noqa: E402
-from models.files import atomic_write, check_writable  # noqa: E402
+from ddpm.cli import (MAX_SEED, ArgumentParser, add_device_argument, int_in_range,  # noqa: E402
+                      keep_freed_memory, pick_device, run)
+from ddpm.diffusion import NoiseSchedule, denoise, seeded_noise, training_losses  # noqa: E402
+from ddpm.errors import UserError  # noqa: E402
+from ddpm.files import check_writable, write_json  # noqa: E402
+from ddpm.imaging import load_image  # noqa: E402
+from ddpm.machine import cpu_name  # noqa: E402
+from ddpm.metrics import psnr  # noqa: E402
+from ddpm.training import Trainer  # noqa: E402
 from models.unet_model import side_fits  # noqa: E402
-from models.diffusion import NoiseSchedule, denoise, seeded_noise, training_losses  # noqa: E402
-from models.imaging import load_image  # noqa: E402
-from models.metrics import psnr  # noqa: E402
-from models.training import Trainer  # noqa: E402
 
 IMAGE = REPO / "images" / "demo.png"
 EVAL_T = 500  # quality is the one-step PSNR from this timestep, as ddpm_infer.py's default
@@ -446,24 +446,10 @@ def main(argv=None):
 def write_results(path, data):
     """Write the results as JSON, atomically; a failure is one error line (the tables are printed already)."""
     try:
-        with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+        write_json(path, data)
     except OSError as exc:
         raise UserError(f"could not write {path!r} ({exc.strerror or exc}); the results are printed above") from None
     print(f"\nwrote {path}")
-
-
-def cpu_name():
-    """The CPU's model name where Linux tells it, else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def library_version(package):

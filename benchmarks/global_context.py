@@ -31,16 +31,17 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from benchmarks.benchmark import cpu_name, write_results  # noqa: E402
-from models.checkpoint import load_checkpoint  # noqa: E402
-from models.cli import ArgumentParser, int_in_range, run  # noqa: E402
-from models.diffusion import NoiseSchedule, denoise, seeded_noise  # noqa: E402
-from models.errors import UserError  # noqa: E402
-from models.figures import save_triptych  # noqa: E402
-from models.files import check_writable  # noqa: E402
-from models.imaging import load_image  # noqa: E402
-from models.metrics import psnr  # noqa: E402
-from models.training import Trainer  # noqa: E402
+from benchmarks.benchmark import write_results  # noqa: E402
+from ddpm.checkpoint import load_checkpoint  # noqa: E402
+from ddpm.cli import ArgumentParser, int_in_range, run  # noqa: E402
+from ddpm.diffusion import NoiseSchedule, generate  # noqa: E402
+from ddpm.errors import UserError  # noqa: E402
+from ddpm.figures import save_triptych  # noqa: E402
+from ddpm.files import check_writable  # noqa: E402
+from ddpm.imaging import load_image  # noqa: E402
+from ddpm.machine import cpu_name  # noqa: E402
+from ddpm.metrics import psnr  # noqa: E402
+from ddpm.training import Trainer  # noqa: E402
 
 IMAGE = "images/demo.png"
 SIZE = 256
@@ -71,13 +72,6 @@ def train_variant(name, flags, train_steps, out_dir):
     print(f"{name}: training {train_steps} steps -> {path}", flush=True)
     subprocess.run(command, cwd=REPO, check=True)
     return path
-
-
-def generate(model, schedule, x0, steps):
-    """The picture made from pure noise (t = T) in ``steps`` deterministic steps."""
-    T = schedule.num_timesteps
-    x_T = schedule.add_noise(x0, torch.tensor([T]), seeded_noise(x0, NOISE_SEED))  # = eps when max_noise = 1
-    return denoise(model, x_T, T, schedule, steps)
 
 
 def step_times(checkpoints, x0, rounds, steps, warmup):
@@ -146,7 +140,8 @@ def main():
         model, schedule, checkpoint = load_checkpoint(path)
         if schedule != NoiseSchedule(max_noise=1.0):
             raise UserError(f"{path!r} was not trained with --max_noise 1; delete it to retrain")
-        outputs = {steps: generate(model, schedule, x0, steps) for steps in SAMPLE_STEPS}
+        # from pure noise x_T = eps (t = T, w = 1), the same eps for every variant
+        outputs = {steps: generate(model, schedule, x0.shape, steps, seed=NOISE_SEED) for steps in SAMPLE_STEPS}
         firsts.append((name, outputs[1]))
         rows[name] = {"flags": VARIANTS[name], "parameters": sum(p.numel() for p in model.parameters()),
                       "psnr_db": {str(steps): round(psnr(out, x0), 2) for steps, out in outputs.items()},

@@ -2,7 +2,7 @@
 
 Every entry builds a module with the interface of ours, ``x0_hat = net(x_t, t)``
 with x_t (B, 3, H, W) and integer timesteps t (B,), so that one training loop
-(models/training.py) drives them all. The peers are configured to within 10%
+(ddpm/training.py) drives them all. The peers are configured to within 10%
 of our parameter count (1,881,907 with the defaults); ``check_parameter_budget``
 holds them to it. How each was sized:
 

@@ -23,10 +23,10 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from models.cli import keep_freed_memory  # noqa: E402
-from models.diffusion import NoiseSchedule  # noqa: E402
-from models.imaging import load_image  # noqa: E402
-from models.training import Trainer  # noqa: E402
+from ddpm.cli import keep_freed_memory  # noqa: E402
+from ddpm.diffusion import NoiseSchedule  # noqa: E402
+from ddpm.imaging import load_image  # noqa: E402
+from ddpm.training import Trainer  # noqa: E402
 from models.unet_model import UNet  # noqa: E402
 
 # Kinds of work, by the name of the profiled operator (self time, so nothing is counted twice).

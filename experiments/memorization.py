@@ -8,7 +8,7 @@ budget for every N: the same network, steps, batch and learning rate. Every
 --eval_every steps it draws --num_samples samples from pure noise and asks of
 each: is it a copy? A sample is memorised when its nearest training digit is
 less than 1/3 as far away (L2, pixels in [0, 1]) as the second nearest
-(models/metrics.py; for N = 1, where there is no second digit, the distance
+(ddpm/metrics.py; for N = 1, where there is no second digit, the distance
 from that digit to a flat image of its mean colour stands in for it).
 
 "Not a copy" is not yet "a new digit": noise is not a copy either. So beside
@@ -22,9 +22,7 @@ steps), images/memorization_samples.png (samples beside their nearest training
 digits, for a small and a large N) and images/memorization.json.
 """
 
-import json
 import os
-import platform
 import sys
 import time
 
@@ -33,13 +31,14 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from models.cli import ArgumentParser, int_in_range, run  # noqa: E402
-from models.data import digits  # noqa: E402
-from models.diffusion import NoiseSchedule, generate  # noqa: E402
-from models.figures import save_memorization, save_nearest_pairs  # noqa: E402
-from models.files import atomic_write, check_writable  # noqa: E402
-from models.metrics import MEMORIZED_RATIO, nearest_training_images  # noqa: E402
-from models.training import Trainer  # noqa: E402
+from ddpm.cli import ArgumentParser, int_in_range, run  # noqa: E402
+from ddpm.data import digits  # noqa: E402
+from ddpm.diffusion import NoiseSchedule, generate  # noqa: E402
+from ddpm.figures import save_memorization, save_nearest_pairs  # noqa: E402
+from ddpm.files import check_writable, write_json  # noqa: E402
+from ddpm.machine import cpu_name  # noqa: E402
+from ddpm.metrics import MEMORIZED_RATIO, nearest_training_images  # noqa: E402
+from ddpm.training import Trainer  # noqa: E402
 from models.unet_model import UNet  # noqa: E402
 
 HELD_OUT = 256  # real digits kept out of every run below N = 1,797, to compare the samples with
@@ -122,28 +121,6 @@ def run_one(n, pool, held_out, args, bar):
     return record, shown
 
 
-def processor_name():
-    """The CPU's model name (Linux), or what Python knows of the machine: which machine the times are from."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-TABLE_LABELS = {"en": ("N", "memorised", "median d1/d2"), "zh": ("N", "被记住的比例", "d1/d2 中位数")}
-
-
-def format_table(runs, language="en"):
-    """The README's table: N against the memorised fraction and the median d1/d2, one column per N."""
-    n, memorized, ratio = TABLE_LABELS[language]
-    rows = [[n, *(f"{run['num_images']:,}" for run in runs)],
-            ["---", *("---:" for _ in runs)],
-            [memorized, *(f"{100 * run['memorized_fraction']:.0f}%" for run in runs)],
-            [ratio, *(f"{run['median_ratio']:.2f}" for run in runs)]]
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
-
-
 def main():
     args = parse_args()
     for path in (args.figure_path, args.samples_figure_path, args.json_path):
@@ -164,7 +141,7 @@ def main():
     result = {"command": " ".join(["python", "experiments/memorization.py", *sys.argv[1:]]),
               "settings": settings, "memorized_ratio": MEMORIZED_RATIO, "held_out": HELD_OUT,
               "wall_time_s": round(time.perf_counter() - began, 1), "device": "cpu",
-              "threads": torch.get_num_threads(), "processor": processor_name(),
+              "threads": torch.get_num_threads(), "processor": cpu_name(),
               "torch_version": str(torch.__version__), "runs": runs}
     save_memorization(runs, args.figure_path)
     small = next((n for n in args.num_images if n >= SMALL_N_SHOWN), args.num_images[0])
@@ -172,9 +149,7 @@ def main():
              for n in dict.fromkeys([small, args.num_images[-1]]) for sample, nearest, ratio in shown[n]]
     save_nearest_pairs(pairs, args.samples_figure_path, "samples (left of each pair) beside their nearest training "
                        f"digit (right), for N = {small} and N = {args.num_images[-1]}")
-    with atomic_write(args.json_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    write_json(args.json_path, result)
     print(f"saved {args.figure_path}, {args.samples_figure_path} and {args.json_path} "
           f"({result['wall_time_s'] / 60:.1f} min)")
 

@@ -2,7 +2,7 @@
 
 It owns nothing of the noise process. It is given a noisy image ``x_t`` and the
 integer timestep ``t`` and returns an image of the same shape; how ``x_t`` was
-made and what ``t`` means live in ``models/diffusion.py``.
+made and what ``t`` means live in ``ddpm/diffusion.py``.
 
 The layout follows the U-Net of DDPM (Ho et al. 2020, appendix B), which in
 turn follows PixelCNN++ and the original U-Net (Ronneberger et al. 2015),

@@ -71,7 +71,8 @@ def run_in_process(script, *args, monkeypatch, capsys):
 @pytest.fixture
 def tiny_checkpoint(tmp_path, tiny_image):
     """A checkpoint of a tiny network trained for a few steps at 16 px (made in-process, fast)."""
-    from models import NoiseSchedule, UNet, load_image, save_checkpoint, train
+    from ddpm import NoiseSchedule, load_image, save_checkpoint
+    from models import UNet
 
     torch.manual_seed(0)
     model = UNet(3, 8, (1, 2))
@@ -103,16 +104,29 @@ def bad_image(tmp_path, kind):
 def train_until_a_power_cut(*args, at_step, monkeypatch, capsys):
     """Run ddpm_train.py in this process until the machine "loses power" before step ``at_step`` + 1
     (an exception the script does not catch), so only its periodic snapshots survive."""
-    import models.training
+    import ddpm.training
 
-    real_step = models.training.Trainer.train_step
+    real_step = ddpm.training.Trainer.train_step
 
     def crash(self):
         if self.step == at_step:
             raise RuntimeError("power cut")
         real_step(self)
 
-    monkeypatch.setattr(models.training.Trainer, "train_step", crash)
+    monkeypatch.setattr(ddpm.training.Trainer, "train_step", crash)
     with pytest.raises(RuntimeError, match="power cut"):
         run_in_process(TRAIN, *args, monkeypatch=monkeypatch, capsys=capsys)
-    monkeypatch.setattr(models.training.Trainer, "train_step", real_step)
+    monkeypatch.setattr(ddpm.training.Trainer, "train_step", real_step)
+
+
+def train(model, data, schedule, train_steps, lr, batch_size=1, generator=None, show_progress=True):
+    """Train ``model`` in place on ``data``: one image (1, C, H, W), several (N, C, H, W) or a Dataset.
+
+    Returns the per-step losses. ``generator`` drives every random draw of t and eps, so a seeded
+    run repeats exactly. The tests' shortcut to the library's Trainer.
+    """
+    from ddpm.training import Trainer
+
+    trainer = Trainer(model, data, schedule, train_steps, lr, batch_size=batch_size, generator=generator)
+    trainer.run(show_progress=show_progress)
+    return trainer.loss_history()

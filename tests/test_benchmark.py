@@ -16,7 +16,7 @@ from conftest import REPO, run_in_process
 from test_cli import one_error_line
 
 from benchmarks import benchmark, peers
-from models.diffusion import NoiseSchedule
+from ddpm.diffusion import NoiseSchedule
 
 OURS_PARAMETERS = 1_881_907  # the default network, as the READMEs state
 
@@ -112,6 +112,7 @@ def test_lucidrains_without_attention_has_no_attention_left():
 
 BENCHMARK = os.path.join(REPO, "benchmarks", "benchmark.py")
 ABLATIONS = os.path.join(REPO, "benchmarks", "ablations.py")
+PROCESS_TUNING = os.path.join(REPO, "benchmarks", "process_tuning.py")
 
 
 @pytest.mark.parametrize("script, args, message", [
@@ -126,6 +127,8 @@ ABLATIONS = os.path.join(REPO, "benchmarks", "ablations.py")
     (ABLATIONS, ["--size", "20"], "--size 20 does not fit"),
     (ABLATIONS, ["--steps", "-1"], "--steps"),
     (ABLATIONS, ["--json", "README.md/a.json"], "is a file, not a folder"),
+    (PROCESS_TUNING, ["--rounds", "0"], "--rounds"),
+    (PROCESS_TUNING, ["--json", "README.md/a.json"], "is a file, not a folder"),
 ])
 def test_benchmark_mistakes_are_one_error_line_and_write_nothing(tmp_path, monkeypatch, capsys, script, args, message):
     (tmp_path / "README.md").write_text("a file where a folder is expected\n")
@@ -193,3 +196,12 @@ def test_profile_step_accounts_for_every_convolution_and_the_whole_step(capsys):
     assert by_kind["convolution forward"] > 0 and by_kind["convolution backward"] > 0
     assert by_kind["GroupNorm backward"] > 0 and by_kind["optimizer and clipping"] > 0
     assert "| 16 -> 16, 3x3, stride 2, 32 px | 1 |" in capsys.readouterr().out
+
+
+def test_process_tuning_runs_a_script_with_a_tuning_flipped(tmp_path):
+    """One whole ddpm_infer.py run through the benchmark's driver, gc.freeze() taken away: it must still
+    write its figure (the driver runs the real script, not a stand-in)."""
+    from benchmarks import process_tuning
+
+    seconds = process_tuning.seconds("gc.freeze", ["ddpm_infer.py", "--result_path", str(tmp_path / "r.png")])
+    assert seconds > 0 and (tmp_path / "r.png").stat().st_size > 0

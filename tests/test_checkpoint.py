@@ -7,9 +7,9 @@ import pickle
 import pytest
 import torch
 
-from models.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint, weights_digest
-from models.diffusion import NoiseSchedule
-from models.errors import UserError
+from ddpm.checkpoint import FORMAT, VERSION, load_checkpoint, save_checkpoint, weights_digest
+from ddpm.diffusion import NoiseSchedule
+from ddpm.errors import UserError
 from models.unet_model import UNet
 
 
@@ -201,7 +201,7 @@ def test_checkpoint_without_its_image_size(tmp_path):
 
 
 def test_save_into_a_folder_that_cannot_be_written(tmp_path, monkeypatch):
-    import models.files
+    import ddpm.files
 
     path = tmp_path / "m.pth"
     make_checkpoint(path)
@@ -210,7 +210,7 @@ def test_save_into_a_folder_that_cannot_be_written(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):  # what mkstemp raises in a read-only folder (as root, chmod cannot show it)
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(models.files.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(ddpm.files.tempfile, "mkstemp", refuse)
     with pytest.raises(UserError, match="could not write checkpoint .*Permission denied"):
         make_checkpoint(path)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["m.pth"]

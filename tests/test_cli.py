@@ -305,9 +305,10 @@ def test_eval_every_zero_skips_the_quality_checks(tmp_path, tiny_image, monkeypa
 
 TRAINING_STEPS_FAULTS = """
 import resource, sys, torch
-from models import NoiseSchedule, UNet
-from models.cli import keep_freed_memory
-from models.training import Trainer
+from ddpm import NoiseSchedule
+from models import UNet
+from ddpm.cli import keep_freed_memory
+from ddpm.training import Trainer
 if sys.argv[1] == "kept":
     keep_freed_memory()
 torch.manual_seed(0)

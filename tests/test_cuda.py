@@ -16,8 +16,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 
 def test_trainer_on_cuda_uses_fused_adam_and_learns(tiny_image):
-    from models import NoiseSchedule, UNet, load_image
-    from models.training import Trainer
+    from ddpm import NoiseSchedule, load_image
+    from models import UNet
+    from ddpm.training import Trainer
 
     torch.manual_seed(0)
     model = UNet(3, 8, (1, 2)).cuda().to(memory_format=torch.channels_last)

@@ -17,11 +17,12 @@ import torch
 import torch.distributed as dist
 
 from conftest import REPO, TINY_NET, TRAIN, smooth_test_image
-from models import NoiseSchedule, UNet
-from models.data import ImageFiles, batch_stream, list_images, per_process_batch
-from models.diffusion import training_losses
-from models.errors import UserError
-from models.training import EMA, GRAD_CLIP_NORM, learning_rate_factor, parameter_groups, rank_seed
+from ddpm import NoiseSchedule
+from models import UNet
+from ddpm.data import ImageFiles, batch_stream, list_images, per_process_batch
+from ddpm.diffusion import training_losses
+from ddpm.errors import UserError
+from ddpm.training import EMA, GRAD_CLIP_NORM, learning_rate_factor, parameter_groups, rank_seed
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="this torch has no gloo backend")

@@ -1,4 +1,4 @@
-"""Unit tier: the formulas of models/diffusion.py against numbers worked by hand."""
+"""Unit tier: the formulas of ddpm/diffusion.py against numbers worked by hand."""
 
 import math
 import os
@@ -9,7 +9,7 @@ import torch
 
 from conftest import REPO
 
-from models.diffusion import NoiseSchedule, ddim_step, denoise, timestep_grid, training_losses
+from ddpm.diffusion import NoiseSchedule, ddim_step, denoise, timestep_grid, training_losses
 
 
 def test_default_schedule_is_the_original_notes():

@@ -9,10 +9,11 @@ import torch
 from PIL import Image
 
 from conftest import TINY_NET, TRAIN, run_in_process, smooth_test_image, train_until_a_power_cut
-from models import NoiseSchedule, UNet, load_checkpoint, load_image
-from models.data import ImageFiles, batch_stream, choose_images, dataset_digest, digits, list_images
-from models.diffusion import training_losses
-from models.training import EMA, GRAD_CLIP_NORM, Trainer, learning_rate_factor
+from ddpm import NoiseSchedule, load_checkpoint, load_image
+from models import UNet
+from ddpm.data import ImageFiles, batch_stream, choose_images, dataset_digest, digits, list_images
+from ddpm.diffusion import training_losses
+from ddpm.training import EMA, GRAD_CLIP_NORM, Trainer, learning_rate_factor
 from test_cli import one_error_line
 
 QUICK = ["--img_size", 16, *TINY_NET]

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from models import NoiseSchedule, UNet, denoise, load_image, psnr, train
-from models.checkpoint import load_checkpoint, save_checkpoint
+from conftest import train
+from ddpm import NoiseSchedule, denoise, load_image, psnr
+from models import UNet
+from ddpm.checkpoint import load_checkpoint, save_checkpoint
 from models.unet_model import AttentionBlock, coordinate_channels
 
 OPTIONS = [{}, {"attention": True}, {"coords": True}, {"canvas_size": 32}, {"attention": True, "coords": True}]

@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 
 from conftest import bad_image
-from models.errors import UserError
-from models.figures import save_triptych
-from models.imaging import load_image, save_image, signed_to_unit, unit_to_signed
+from ddpm.errors import UserError
+from ddpm.figures import save_triptych
+from ddpm.imaging import load_image, save_image, signed_to_unit, unit_to_signed
 
 
 def as_unit(x):

@@ -2,8 +2,10 @@
 
 import torch
 
-from models import NoiseSchedule, UNet, denoise, load_image, psnr, train
-from models.training import learning_rate_factor
+from conftest import train
+from ddpm import NoiseSchedule, denoise, load_image, psnr
+from models import UNet
+from ddpm.training import learning_rate_factor
 
 
 def fit(image_path, steps, seed=0):
@@ -45,8 +47,8 @@ def test_learning_rate_warms_up_then_decays_to_zero():
 def test_the_trainers_fused_adam_and_foreach_clipping_take_the_plain_per_tensor_step(tiny_image):
     """On the CPU the Trainer uses fused Adam and one multi-tensor norm for clipping; that must be
     the same algorithm as torch's plain per-tensor Adam and clipping, to rounding."""
-    from models.diffusion import training_losses
-    from models.training import GRAD_CLIP_NORM, Trainer
+    from ddpm.diffusion import training_losses
+    from ddpm.training import GRAD_CLIP_NORM, Trainer
 
     x0 = load_image(tiny_image, 16)
     torch.manual_seed(0)

@@ -41,18 +41,26 @@ def test_the_shipped_experiment_shows_the_transition_from_copies_to_new_digits()
     assert result["wall_time_s"] <= 30 * 60
 
 
+TABLE_LABELS = {"en": ("N", "memorised", "median d1/d2"), "zh": ("N", "被记住的比例", "d1/d2 中位数")}
+
+
+def format_table(runs, language="en"):
+    """The README's table: N against the memorised fraction and the median d1/d2, one column per N."""
+    n, memorized, ratio = TABLE_LABELS[language]
+    rows = [[n, *(f"{run['num_images']:,}" for run in runs)],
+            ["---", *("---:" for _ in runs)],
+            [memorized, *(f"{100 * run['memorized_fraction']:.0f}%" for run in runs)],
+            [ratio, *(f"{run['median_ratio']:.2f}" for run in runs)]]
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
 def test_the_readmes_show_the_shipped_table_and_time_and_the_chapter_has_its_notes():
-    import sys
-
-    sys.path.insert(0, os.path.dirname(EXPERIMENT))
-    import memorization
-
     result = json.load(open(SHIPPED))
     minutes = f"{result['wall_time_s'] / 60:.0f}"
     english = open(os.path.join(REPO, "README.en.md"), encoding="utf-8").read()
     chinese = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
-    assert memorization.format_table(result["runs"], "en") in english
-    assert memorization.format_table(result["runs"], "zh") in chinese
+    assert format_table(result["runs"], "en") in english
+    assert format_table(result["runs"], "zh") in chinese
     assert f"It took {minutes} minutes on 2 cores" in english and f"用了 {minutes} 分钟" in chinese
     assert "## From memorising one image to generating new ones" in english
     assert result["command"] == "python experiments/memorization.py"  # the README's command, defaults
@@ -76,7 +84,7 @@ def test_the_readmes_describe_the_shipped_runs_as_they_came_out():
 
 
 def test_the_training_curves_shown_are_those_around_the_switch():
-    from models.figures import transition_runs
+    from ddpm.figures import transition_runs
 
     runs = [{"num_images": n, "memorized_fraction": f} for n, f in [(1, 1.0), (4, 1.0), (8, 0.9), (16, 0.5),
                                                                     (64, 0.0), (128, 0.0)]]

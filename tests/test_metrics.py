@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from models.metrics import SSIM_K1, SSIM_K2, gaussian_window, psnr, ssim
+from ddpm.metrics import SSIM_K1, SSIM_K2, gaussian_window_1d, psnr, ssim
+
+
+def gaussian_window():
+    """(11, 11) Gaussian weights summing to 1: the 2-D window of SSIM, as the outer product that ssim() applies
+    as a column pass and a row pass."""
+    g = gaussian_window_1d()
+    return g[:, None] * g[None, :]
 
 
 def signed(x01):

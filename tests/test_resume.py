@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from conftest import TINY_NET, TRAIN, run_in_process, train_until_a_power_cut
-from models import NoiseSchedule, UNet, load_checkpoint, load_image, save_checkpoint
-from models.training import NonFiniteLoss, Trainer
+from ddpm import NoiseSchedule, load_checkpoint, load_image, save_checkpoint
+from models import UNet
+from ddpm.training import NonFiniteLoss, Trainer
 from test_cli import one_error_line
 
 
@@ -121,16 +122,16 @@ def test_ctrl_c_saves_a_snapshot_and_resume_finishes_the_same_run(tmp_path, tiny
 
 
 def test_save_every_writes_snapshots_and_the_finished_run_removes_them(tmp_path, tiny_image, monkeypatch, capsys):
-    import models.checkpoint
+    import ddpm.checkpoint
 
     written = []
-    real_save = models.checkpoint.torch.save
+    real_save = ddpm.checkpoint.torch.save
 
     def spy(obj, f):
         written.append((obj["train"]["step"], "resume" in obj))
         real_save(obj, f)
 
-    monkeypatch.setattr(models.checkpoint.torch, "save", spy)
+    monkeypatch.setattr(ddpm.checkpoint.torch, "save", spy)
     status, out, err = run_in_process(TRAIN, "--image_path", tiny_image, "--model_save_path", tmp_path / "m.pth",
                                       "--train_steps", 7, "--save_every", 3, *QUICK,
                                       monkeypatch=monkeypatch, capsys=capsys)
@@ -154,7 +155,7 @@ def test_divergence_is_one_error_line_and_the_old_checkpoint_survives(tmp_path, 
 
 
 def test_a_failed_save_is_one_error_line_and_leaves_nothing_behind(tmp_path, tiny_image, monkeypatch, capsys):
-    import models.checkpoint
+    import ddpm.checkpoint
 
     ckpt = tmp_path / "m.pth"
     ckpt.write_bytes(b"the previous model")
@@ -164,7 +165,7 @@ def test_a_failed_save_is_one_error_line_and_leaves_nothing_behind(tmp_path, tin
             handle.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(models.checkpoint.torch, "save", disk_full)
+    monkeypatch.setattr(ddpm.checkpoint.torch, "save", disk_full)
     result = run_in_process(TRAIN, "--image_path", tiny_image, "--model_save_path", ckpt, "--train_steps", 3,
                             *QUICK, monkeypatch=monkeypatch, capsys=capsys)
     assert "No space left on device" in one_error_line(*result)

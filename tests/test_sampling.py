@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 from conftest import REPO, run_in_process, smooth_test_image
-from models import NoiseSchedule, UNet, save_checkpoint
-from models.data import dataset_digest, list_images
-from models.metrics import MEMORIZED_RATIO, nearest_training_images
+from ddpm import NoiseSchedule, save_checkpoint
+from models import UNet
+from ddpm.data import dataset_digest, list_images
+from ddpm.metrics import MEMORIZED_RATIO, nearest_training_images
 from test_cli import one_error_line
 
 SAMPLE = os.path.join(REPO, "ddpm_sample.py")
@@ -69,7 +70,7 @@ def generator_checkpoint(tmp_path, max_noise=1.0, folder=True):
         data = {"img_size": 16, "image_dir": str(photos), "num_images": 3,
                 "files": [os.path.basename(p) for p in paths], "dataset_sha256": dataset_digest(str(photos), paths)}
     else:
-        from models.files import file_sha256
+        from ddpm.files import file_sha256
         data = {"img_size": 16, "image_path": paths[0], "image_sha256": file_sha256(paths[0])}
     torch.manual_seed(0)
     model = UNet(3, 8, (1, 2))
@@ -115,7 +116,7 @@ def test_without_the_training_images_it_still_samples_and_says_why_there_is_no_c
     os.rename(photos, tmp_path / "moved")
     status, out, err = sample("--model_path", model, "--num_samples", 2, "--steps", 2, "--output_dir",
                               tmp_path / "s", monkeypatch=monkeypatch, capsys=capsys)
-    assert status == 0 and "not here" in err
+    assert status == 0 and "which is not there: no nearest-neighbour comparison" in err
     assert not (tmp_path / "s" / "nearest.png").exists() and (tmp_path / "s" / "grid.png").exists()
 
 

@@ -107,7 +107,7 @@ def test_max_noise_is_stored_and_inference_uses_it(tmp_path, tiny_image, monkeyp
 
 
 def test_long_trajectories_are_thinned_evenly():
-    from models.figures import pick_steps
+    from ddpm.figures import pick_steps
 
     assert pick_steps(5, 10) == [0, 1, 2, 3, 4]
     assert pick_steps(50, 10) == [0, 5, 11, 16, 22, 27, 33, 38, 44, 49]

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from .data import ImageTensors, batch_stream, per_process_batch
 from .diffusion import training_losses
+from .distributed import rank_and_world_size
 
 WARMUP_STEPS = 100
 GRAD_CLIP_NORM = 1.0
@@ -82,13 +83,6 @@ def rank_seed(seed, rank):
     (seed and seed + 2^32 give the same numbers), so the ranks are spread out within 32 bits.
     """
     return (seed + rank * RANK_SEED_STRIDE) % 2**32
-
-
-def process_group():
-    """(rank, world size) of this process: (0, 1) unless torchrun started it and the group is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class EMA:
@@ -141,7 +135,7 @@ class Trainer:
         self.model, self.schedule, self.train_steps = model, schedule, train_steps
         self.device = next(model.parameters()).device
         self.dataset = ImageTensors(data) if torch.is_tensor(data) else data
-        self.rank, self.world_size = process_group()
+        self.rank, self.world_size = rank_and_world_size()
         self.batch_size = per_process_batch(batch_size, self.world_size)  # this process's share
         self.data_seed, self.batches = data_seed, None  # the batches start where the run is, in run()
         # Every process starts from the same weights (DDP also copies rank 0's at wrapping) and, since
@@ -324,14 +318,3 @@ def parameter_groups(model, lr):
     canvas = [p for name, p in model.named_parameters() if name == "canvas"]
     network = [p for name, p in model.named_parameters() if name != "canvas"]
     return [{"params": network}] + ([{"params": canvas, "lr": lr * CANVAS_LR_SCALE}] if canvas else [])
-
-
-def train(model, data, schedule, train_steps, lr, batch_size=1, generator=None, show_progress=True):
-    """Train ``model`` in place on ``data``: one image (1, C, H, W), several (N, C, H, W) or a Dataset.
-
-    Returns the per-step losses. ``generator`` drives every random draw of t and eps, so a seeded
-    run repeats exactly.
-    """
-    trainer = Trainer(model, data, schedule, train_steps, lr, batch_size=batch_size, generator=generator)
-    trainer.run(show_progress=show_progress)
-    return trainer.loss_history()

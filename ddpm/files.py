@@ -1,6 +1,8 @@
-"""Writing files so that a crash never leaves half a file or destroys the old one."""
+"""Files: atomic writes (a crash never leaves half a file or destroys the old one), JSON records, the checks
+before writing and reading, and the digest that names a file's bytes."""
 
 import hashlib
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -30,6 +32,13 @@ def atomic_write(path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_json(path, data):
+    """Write ``data`` as indented JSON (UTF-8, a final newline), atomically: a record is whole or absent."""
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
 
 
 def check_writable(path, what, inputs=()):

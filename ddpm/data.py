@@ -1,4 +1,4 @@
-"""Training data: one image or a folder of them, as a torch Dataset, and the order they are drawn in.
+"""Training data: one image or a folder as a Dataset, the order of batches, the digits, and the same-data check.
 
 One picture is the special case of a folder with one file: both become an
 ``ImageFiles`` data set, and the training loop draws its batches from it the
@@ -8,13 +8,15 @@ times, each copy noised at its own t.
     list_images(folder)         every image file under a folder, recursively, in sorted order
     ImageFiles(paths, size)     a Dataset of (3, size, size) tensors in [-1, 1]
     dataset_digest(root, paths) one SHA-256 naming exactly which files (and bytes) a model saw
+    TrainingData(paths, size)   what a model learns, and how its checkpoint records it
+    recorded_training_data(r)   the data a checkpoint names, found and checked unchanged
     batch_stream(...)           the endless sequence of index batches, epoch after epoch, per process
     digits(size)                the 1,797 handwritten digits shipped in data/, as a (N, 3, size, size) tensor
 """
 
 import hashlib
 import os
-import warnings
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -24,7 +26,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from .errors import UserError
 from .files import file_sha256
-from .imaging import load_image, unit_to_signed
+from .imaging import load_image, open_image, unit_to_signed
 
 # A folder is decoded once, up front, into memory when its images fit in this many bytes;
 # a bigger one is read file by file as the batches need them.
@@ -111,13 +113,9 @@ class ImageTensors(Dataset):
 
 
 def _check_opens(path):
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.verify()
-    except Exception as exc:  # Pillow raises many kinds here
-        raise UserError(f"image {path!r} cannot be read as an image ({exc})") from None
+    """Raise UserError unless ``path`` opens as an image (Pillow's verify(): the header and, for PNG, the checksums)."""
+    with open_image(path) as img:
+        img.verify()
 
 
 def dataset_digest(root, paths):
@@ -130,6 +128,101 @@ def dataset_digest(root, paths):
     for path in paths:
         digest.update(f"{os.path.relpath(path, root)}\0{file_sha256(path)}\n".encode())
     return digest.hexdigest()
+
+
+class TrainingData:
+    """What a model learns, one image or a folder's files, and how its checkpoint records them.
+
+    ``record`` goes into the checkpoint's "data": for one image its path and SHA-256, for a
+    folder its files (relative to the folder) and one digest of them all (dataset_digest).
+    ``identity`` is that digest: two runs saw the same data exactly when their identities agree.
+    ``names`` are the files as the checkpoint names them; ``dataset()`` decodes them.
+    """
+
+    def __init__(self, paths, img_size, image_dir=None):
+        self.paths, self.img_size, self.image_dir = list(paths), img_size, image_dir
+        if image_dir is not None:
+            self.image_dir_absolute = os.path.abspath(image_dir)  # where it was, whatever the folder is later
+            self.names = [os.path.relpath(path, image_dir) for path in self.paths]
+            self.name = f"{len(self.paths)} images of {image_dir}"
+        else:
+            self.names = list(self.paths)
+            self.name = self.paths[0]
+
+    @cached_property
+    def identity(self):
+        """Reads every file once, when first asked: after dataset() has found any unreadable one."""
+        if self.image_dir is not None:
+            return dataset_digest(self.image_dir, self.paths)
+        return file_sha256(self.paths[0])
+
+    @property
+    def record(self):
+        """What the checkpoint's "data" says: the size, the files and their digest."""
+        if self.image_dir is not None:
+            return {"img_size": self.img_size, "image_dir": self.image_dir,
+                    "image_dir_absolute": self.image_dir_absolute, "num_images": len(self.paths),
+                    "files": self.names, "dataset_sha256": self.identity}
+        return {"img_size": self.img_size, "image_path": self.paths[0], "image_sha256": self.identity}
+
+    def dataset(self, warn=None):
+        """The images as an ImageFiles data set (decoded up front where they fit in memory)."""
+        return ImageFiles(self.paths, self.img_size, warn=warn)
+
+
+def data_identity(trained_on):
+    """The digest of what a checkpoint was trained on (its "data" record: a folder's, or one image's), or None."""
+    return trained_on.get("dataset_sha256") or trained_on.get("image_sha256")
+
+
+def check_same_data(trained_on, data, resumed=False, fix=None):
+    """Raise UserError unless ``data`` (TrainingData) holds the very files and bytes that a checkpoint's
+    "data" record ``trained_on`` names. ``resumed``: the checkpoint is a run about to continue."""
+    if data_identity(trained_on) == data.identity:
+        return
+    if resumed:
+        since = "the run started"
+    else:
+        since = "the model was trained on " + ("them" if data.image_dir is not None else "it")
+    if data.image_dir is not None:
+        message = (f"the images in {data.image_dir!r} have changed since {since} (files added, removed, renamed "
+                   "or edited)")
+    else:
+        message = f"image {data.paths[0]!r} has changed since {since}"
+    raise UserError(_with_fix(message + (", so it cannot continue exactly" if resumed else ""), fix))
+
+
+def _with_fix(message, fix):
+    """A user error's message, then how to fix it in brackets, if there is a word to say."""
+    return message + (f" ({fix})" if fix else "")
+
+
+def recorded_training_data(trained_on, fix=None):
+    """The data a checkpoint was trained on, found where its "data" record says and checked unchanged.
+
+    A folder is looked for at its path as typed in training, then at its absolute path. Returns
+    TrainingData, or raises UserError saying what is missing or changed (then ``fix``, if given).
+    """
+    if "image_dir" in trained_on:
+        places = (trained_on["image_dir"], trained_on.get("image_dir_absolute"))
+        folder = next((place for place in places if place and os.path.isdir(place)), None)
+        if folder is None:
+            raise UserError(_with_fix(f"the model was trained on {trained_on['image_dir']!r}, which is not there", fix))
+        data_paths = [os.path.join(folder, name) for name in trained_on["files"]]
+        gone = next((path for path in data_paths if not os.path.isfile(path)), None)
+        if gone is not None:
+            raise UserError(_with_fix(f"the images in {folder!r} have changed since the model was trained on "
+                                      f"them ({gone!r} is gone)", fix))
+        data = TrainingData(data_paths, trained_on["img_size"], image_dir=folder)
+    else:
+        path = trained_on.get("image_path")
+        if path is None:
+            raise UserError(_with_fix("the checkpoint does not record the image it was trained on", fix))
+        if not os.path.isfile(path):
+            raise UserError(_with_fix(f"the model was trained on {path!r}, which is not there", fix))
+        data = TrainingData([path], trained_on["img_size"])
+    check_same_data(trained_on, data, fix=fix)
+    return data
 
 
 def per_process_batch(batch_size, world_size):

@@ -22,10 +22,11 @@ import hashlib
 
 import torch
 
+from models.unet_model import UNet
+
 from .diffusion import NoiseSchedule
 from .errors import UserError
 from .files import atomic_write, check_readable_file
-from .unet_model import UNet
 
 FORMAT = "ddpm-demo-unet"
 VERSION = 1

@@ -1,6 +1,6 @@
-"""Image quality against the ground truth: PSNR and SSIM.
+"""Image quality and closeness: PSNR, SSIM, and how near a sample lies to its nearest training images.
 
-Both take images in [-1, 1] (the project's convention) and measure them on
+All take images in [-1, 1] (the project's convention) and measure them on
 the [0, 1] scale, where the peak value is 1.
 """
 
@@ -28,12 +28,6 @@ def gaussian_window_1d(size=SSIM_WINDOW, sigma=SSIM_SIGMA):
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
     return g / g.sum()
-
-
-def gaussian_window(size=SSIM_WINDOW, sigma=SSIM_SIGMA):
-    """(size, size) Gaussian weights summing to 1: the outer product of gaussian_window_1d with itself."""
-    g = gaussian_window_1d(size, sigma)
-    return g[:, None] * g[None, :]
 
 
 def ssim(image, reference):

@@ -1,9 +1,12 @@
-"""Image files <-> tensors in [-1, 1].
+"""Image files <-> tensors in [-1, 1], and the one safe way to open an image file.
 
 One pair of converters, named for their ranges:
 
     load_image(path, size) -> (1, 3, size, size) float32 in [-1, 1]
     save_image(x, path)    <- (1, 3, H, W) or (3, H, W) in [-1, 1]
+
+and open_image(path), which every reader of a user's image files goes through: it
+refuses a possible decompression bomb and names a file Pillow cannot read.
 
 Every file becomes an RGB picture as a person sees it: the EXIF orientation
 is applied, transparent pixels are laid on a white background, 16-bit
@@ -13,6 +16,7 @@ Then the largest centred square is cut out and resized with antialiasing
 """
 
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -53,24 +57,38 @@ def load_image(path, size, warn=None):
     return unit_to_signed(x.clamp(0.0, 1.0)).contiguous()  # (1, 3, size, size) in [-1, 1]
 
 
-def _read_rgb(path):
-    """Decode an image file into an (H, W, 3) float32 array in [0, 1], or raise UserError."""
+@contextmanager
+def open_image(path):
+    """Open an image file with Pillow (a context manager), refusing anything that is not a safe, readable image.
+
+    Raises UserError for a missing, empty or unreadable file, for one that fails while the block
+    decodes it (a truncated file), and for one that declares more pixels than Pillow allows: a
+    possible decompression bomb, a small file that would unpack to gigabytes. Pillow only warns
+    between Image.MAX_IMAGE_PIXELS and twice that; here the warning is the refusal it should be.
+    """
     check_readable_file(path, "image", "check --image_path")
     try:
         with warnings.catch_warnings():
-            # Pillow only warns between 89 and 179 megapixels; treat that as the refusal it is
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                img.load()  # decode now, so a truncated file fails here
-                img = ImageOps.exif_transpose(img)  # turn phone photos upright
-                return _to_rgb_array(img)
+                yield img
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UserError(
             f"image {path!r} declares more than {Image.MAX_IMAGE_PIXELS:,} pixels; "
             "refusing it as a possible decompression bomb"
         ) from None
-    except (OSError, SyntaxError, ValueError) as exc:
+    except UserError:
+        raise
+    except Exception as exc:  # Pillow raises many kinds here: OSError, SyntaxError, ValueError, struct.error
         raise UserError(f"image {path!r} cannot be read as an image ({exc})") from None
+
+
+def _read_rgb(path):
+    """Decode an image file into an (H, W, 3) float32 array in [0, 1], or raise UserError."""
+    with open_image(path) as img:
+        img.load()  # decode now, so a truncated file fails here
+        img = ImageOps.exif_transpose(img)  # turn phone photos upright
+        return _to_rgb_array(img)
 
 
 def _to_rgb_array(img):

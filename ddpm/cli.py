@@ -187,6 +187,8 @@ def keep_freed_memory():
     every time. Above malloc's default threshold each such block is a fresh mmap that the kernel
     must fault in and zero page by page; kept in the heap, it is reused as is. Measured by
     benchmarks/ablations.py on the 256 px training step: 1/28 of the page faults, 7% less time.
+    A process-wide setting, so the scripts where it pays call it first thing: ddpm_train.py and
+    ddpm_sample.py (benchmarks/process_tuning.py measures each script with and without it).
     Does nothing where the C library is not glibc (macOS, Windows, musl).
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":

@@ -1,6 +1,6 @@
 """Do the two process-wide tunings pay, and for which script? gc.freeze() and keep_freed_memory(), measured.
 
-    python benchmarks/process_tuning.py          # about 14 minutes on 2 CPU cores
+    python benchmarks/process_tuning.py          # about 12 minutes on 2 CPU cores
 
 * gc.freeze() (in ddpm/cli.py, run): moves every object alive when the script starts its work (the
   ~10^5 that importing torch and matplotlib create) out of reach of Python's cycle collector, which

@@ -7,7 +7,7 @@
     data         one image or a folder as a Dataset, the order of batches, the shipped digits,
                  and the check that data are what a checkpoint was trained on
     checkpoint   the self-describing checkpoint file: save (atomic), load (safe)
-    imaging      image files <-> tensors in [-1, 1]
+    imaging      image files <-> tensors in [-1, 1], and the one safe way to open an image file
     figures      the figures: result triptych, trajectory, noise sweep, training plots, samples
     metrics      PSNR, SSIM, and how close a sample lies to its nearest training images
     machine      which machine a time was measured on

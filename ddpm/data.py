@@ -9,9 +9,10 @@ times, each copy noised at its own t.
     ImageFiles(paths, size)     a Dataset of (3, size, size) tensors in [-1, 1]
     dataset_digest(root, paths) one SHA-256 naming exactly which files (and bytes) a model saw
     TrainingData(paths, size)   what a model learns, and how its checkpoint records it
+    DigitsData(split, n)        the same for the first n shipped digits of one part of the split
     recorded_training_data(r)   the data a checkpoint names, found and checked unchanged
     batch_stream(...)           the endless sequence of index batches, epoch after epoch, per process
-    digits(size)                the 1,797 handwritten digits shipped in data/, as a (N, 3, size, size) tensor
+    digits(split)               the 5,000 MNIST digits shipped in data/ (or one part of the split), with labels
 """
 
 import hashlib
@@ -20,7 +21,6 @@ from functools import cached_property
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
@@ -31,8 +31,14 @@ from .imaging import load_image, open_image, unit_to_signed
 # A folder is decoded once, up front, into memory when its images fit in this many bytes;
 # a bigger one is read file by file as the batches need them.
 CACHE_BYTES = 2 * 2**30
-DIGITS_SHEET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "digits.png")
-DIGITS_COUNT, DIGITS_SIDE, DIGITS_COLUMNS = 1797, 8, 60  # data/digits.png: 60 digits per row, 8x8 px each
+DATA_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+DIGITS_SHEET = os.path.join(DATA_FOLDER, "mnist.png")  # 5,000 MNIST digits, 100 per row, 28 x 28 px each
+DIGITS_LABELS = os.path.join(DATA_FOLDER, "mnist_labels.txt")  # their labels, a row of 100 per sheet row
+DIGITS_SIDE, DIGITS_COLUMNS = 28, 100
+# The project's one split of the sheet (data/make_mnist_sheet.py): two disjoint training halves
+# and a held-out part, each with every digit in equal numbers, as ranges of sheet positions.
+DIGIT_SPLITS = {"S1": range(0, 2000), "S2": range(2000, 4000), "held_out": range(4000, 5000)}
+TRAINING_HALVES = ("S1", "S2")
 
 
 def image_extensions():
@@ -170,9 +176,46 @@ class TrainingData:
         return ImageFiles(self.paths, self.img_size, warn=warn)
 
 
+class DigitsData:
+    """The first ``num_images`` shipped digits of one training half (``split``: "S1" or "S2"), as TrainingData has them.
+
+    The checkpoint records the part, the count and one SHA-256 over the sheet and the labels, so a
+    model of digits is found again (and checked unchanged) wherever the repository lies.
+    """
+
+    image_dir = None
+
+    def __init__(self, split, num_images=None):
+        if split not in TRAINING_HALVES:
+            raise UserError(f"the digits to train on are one of {', '.join(TRAINING_HALVES)}, not {split!r}")
+        size = len(DIGIT_SPLITS[split])
+        self.split, self.num_images, self.img_size = split, num_images or size, DIGITS_SIDE
+        if not 1 <= self.num_images <= size:
+            raise UserError(f"--num_images {self.num_images} is more than the {size} digits of {split}")
+        self.paths = [DIGITS_SHEET, DIGITS_LABELS]  # the files a run reads, which no output may replace
+        self.names = [f"{split} #{i}" for i in range(self.num_images)]  # a digit's place in its part
+        self.name = f"the first {self.num_images} digits of {split} ({os.path.relpath(DIGITS_SHEET)})"
+
+    @cached_property
+    def identity(self):
+        digest = hashlib.sha256(f"{self.split}\0{self.num_images}\n".encode())
+        for path in self.paths:
+            digest.update(f"{file_sha256(path)}\n".encode())
+        return digest.hexdigest()
+
+    @property
+    def record(self):
+        return {"img_size": self.img_size, "digits": self.split, "num_images": self.num_images,
+                "digits_sha256": self.identity}
+
+    def dataset(self, warn=None):
+        """The digits as a Dataset of (3, 28, 28) tensors in [-1, 1]."""
+        return ImageTensors(digits(self.split)[0][: self.num_images])
+
+
 def data_identity(trained_on):
-    """The digest of what a checkpoint was trained on (its "data" record: a folder's, or one image's), or None."""
-    return trained_on.get("dataset_sha256") or trained_on.get("image_sha256")
+    """The digest of what a checkpoint was trained on (its "data" record: a folder's, digits', or one image's)."""
+    return trained_on.get("dataset_sha256") or trained_on.get("digits_sha256") or trained_on.get("image_sha256")
 
 
 def check_same_data(trained_on, data, resumed=False, fix=None):
@@ -183,8 +226,11 @@ def check_same_data(trained_on, data, resumed=False, fix=None):
     if resumed:
         since = "the run started"
     else:
-        since = "the model was trained on " + ("them" if data.image_dir is not None else "it")
-    if data.image_dir is not None:
+        since = "the model was trained on " + ("it" if isinstance(data, TrainingData) and data.image_dir is None
+                                               else "them")
+    if isinstance(data, DigitsData):
+        message = f"the shipped digits ({', '.join(map(os.path.relpath, data.paths))}) have changed since {since}"
+    elif data.image_dir is not None:
         message = (f"the images in {data.image_dir!r} have changed since {since} (files added, removed, renamed "
                    "or edited)")
     else:
@@ -201,9 +247,12 @@ def recorded_training_data(trained_on, fix=None):
     """The data a checkpoint was trained on, found where its "data" record says and checked unchanged.
 
     A folder is looked for at its path as typed in training, then at its absolute path. Returns
-    TrainingData, or raises UserError saying what is missing or changed (then ``fix``, if given).
+    TrainingData (DigitsData for the shipped digits), or raises UserError saying what is missing or
+    changed (then ``fix``, if given).
     """
-    if "image_dir" in trained_on:
+    if "digits" in trained_on:
+        data = DigitsData(trained_on["digits"], trained_on["num_images"])
+    elif "image_dir" in trained_on:
         places = (trained_on["image_dir"], trained_on.get("image_dir_absolute"))
         folder = next((place for place in places if place and os.path.isdir(place)), None)
         if folder is None:
@@ -267,16 +316,21 @@ def batch_stream(num_items, batch_size, seed, rank=0, world_size=1, start_step=0
         epoch += 1
 
 
-def digits(size):
-    """The 1,797 handwritten digits of data/digits.png as a (1797, 3, size, size) float32 tensor in [-1, 1].
+def digits(split=None):
+    """The shipped MNIST digits of one part of the split (DIGIT_SPLITS; None: all 5,000), with their labels.
 
-    White strokes on black, 8x8 px in the source, enlarged to ``size`` px with bilinear interpolation.
-    See data/README.md for where they come from and their licence.
+    Returns (images, labels): (N, 3, 28, 28) float32 in [-1, 1], white strokes on black, the grey
+    copied to three channels like any other picture; and (N,) int64 digits 0 ... 9. In sheet order,
+    so the first N of S1 are the same N digits every time. data/README.md says where they come from.
     """
     with Image.open(DIGITS_SHEET) as sheet:
-        pixels = np.asarray(sheet.convert("L"), dtype=np.float32) / 255.0  # (rows * 8, 60 * 8)
+        pixels = np.asarray(sheet.convert("L"), dtype=np.float32) / 255.0  # (rows * 28, 100 * 28)
+    with open(DIGITS_LABELS, encoding="utf-8") as f:
+        labels = torch.tensor([int(digit) for digit in "".join(f.read().split())])
     rows = pixels.shape[0] // DIGITS_SIDE
     tiles = pixels.reshape(rows, DIGITS_SIDE, DIGITS_COLUMNS, DIGITS_SIDE).transpose(0, 2, 1, 3)
-    small = torch.from_numpy(tiles.reshape(-1, 1, DIGITS_SIDE, DIGITS_SIDE)[:DIGITS_COUNT].copy())
-    large = F.interpolate(small, size=(size, size), mode="bilinear", align_corners=False) if size != DIGITS_SIDE else small
-    return unit_to_signed(large.clamp(0, 1)).expand(-1, 3, -1, -1).contiguous()
+    images = unit_to_signed(torch.from_numpy(tiles.reshape(-1, 1, DIGITS_SIDE, DIGITS_SIDE).copy()))
+    if split is not None:
+        part = DIGIT_SPLITS[split]
+        images, labels = images[part.start : part.stop], labels[part.start : part.stop]
+    return images.expand(-1, 3, -1, -1).contiguous(), labels

@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import TINY_NET, TRAIN, run_in_process, smooth_test_image, train_until_a_power_cut
 from ddpm import NoiseSchedule, load_checkpoint, load_image
 from models import UNet
-from ddpm.data import ImageFiles, batch_stream, choose_images, dataset_digest, digits, list_images
+from ddpm.data import ImageFiles, batch_stream, choose_images, dataset_digest, list_images
 from ddpm.diffusion import training_losses
 from ddpm.training import EMA, GRAD_CLIP_NORM, Trainer, learning_rate_factor
 from test_cli import one_error_line
@@ -121,13 +121,6 @@ def test_the_digest_names_the_files_and_their_bytes(tmp_path):
     with open(folder / "img_0.png", "ab") as f:
         f.write(b"\0")
     assert dataset_digest(str(folder), paths) != before
-
-
-def test_the_shipped_digits_load_without_scikit_learn():
-    images = digits(16)
-    assert images.shape == (1797, 3, 16, 16)
-    assert images.min() == -1 and images.max() == 1
-    assert len({tuple(img[0].flatten().tolist()) for img in digits(8)[:200]}) == 200  # 200 different digits
 
 
 # ---- the order of batches --------------------------------------------------------------------

@@ -115,9 +115,10 @@ def resolve_image_path(requested, trained_on):
             warn(f"this model was trained on {trained_on['image_path']!r}, not on {requested!r}: it memorised "
                  "that picture and will pull the output towards it")
         return requested
-    if "image_dir" in trained_on:
-        raise UserError(f"this model learned a folder ({trained_on.get('num_images')} images of "
-                        f"{trained_on['image_dir']}), not one picture: pass the picture to noise with --image_path, "
+    if "image_dir" in trained_on or "digits" in trained_on:
+        what = (f"a folder ({trained_on.get('num_images')} images of {trained_on['image_dir']})"
+                if "image_dir" in trained_on else f"{trained_on.get('num_images')} digits of {trained_on['digits']}")
+        raise UserError(f"this model learned {what}, not one picture: pass the picture to noise with --image_path, "
                         "or generate with ddpm_sample.py")
     return recorded_training_data(trained_on, fix="restore it, or pass the picture with --image_path").paths[0]
 

@@ -3,17 +3,25 @@
     python ddpm_sample.py                                   # the shipped one-image full-noise model
     python ddpm_sample.py --model_path model_ckpt/my_photos_unet.pth --num_samples 16 --steps 50
     python ddpm_sample.py --model_path model_ckpt/my_photos_unet.pth --eta 1 --seed 3
+    python ddpm_sample.py --model_path model_ckpt/digits_unet.pth --num_samples 1000   # judged digits
 
 Each sample starts as pure noise x_T = eps (w = 1) and is denoised in --steps
 steps (ddpm/diffusion.py, generate). The script writes, into --output_dir,
 
     sample_000.png, sample_001.png, ...   the samples, at the trained size
-    grid.png                              all of them in one picture
+    grid.png                              the first 128 of them in one picture
     nearest.png                           each sample beside its nearest training image, with d1/d2
     samples.json                          per sample: nearest training file, d1, d2, d1/d2, memorised
 
 The last two need the training images, which the checkpoint names (with their
 SHA-256): where they are not at hand, or have changed, they are skipped.
+--summary_only leaves out the one PNG per sample.
+
+A model of the shipped digits (ddpm_train.py --digits) is also judged
+(ddpm/quality.py): the FLD, precision and recall of its samples against the
+1,000 held-out digits, beside the same numbers for as many real digits it
+never saw (the other training half), the digits the judge sees, and how near
+the samples lie to their nearest training digit compared with held-out digits.
 d1 and d2 are the L2 distances (pixels in [0, 1]) to the nearest and the
 second-nearest training image; a sample with d1/d2 < 1/3 counts as memorised
 (ddpm/metrics.py, nearest_training_images).
@@ -24,15 +32,18 @@ import os
 from ddpm.checkpoint import load_checkpoint
 from ddpm.cli import (MAX_SEED, ArgumentParser, add_device_argument, int_in_range, keep_freed_memory, pick_device,
                       run, warn, zero_to_one)
-from ddpm.data import recorded_training_data
+from ddpm.data import (DIGIT_SPLITS, DIGITS_LABELS, DIGITS_SHEET, TRAINING_HALVES, digits,
+                       recorded_training_data)
 from ddpm.diffusion import NUM_TIMESTEPS, generate
 from ddpm.errors import UserError
 from ddpm.figures import save_image_grid, save_nearest_pairs
 from ddpm.files import check_writable, write_json
 from ddpm.imaging import save_image
 from ddpm.metrics import MEMORIZED_RATIO, nearest_training_images
+from ddpm.quality import JUDGE_NAME, JUDGE_PATH, K_NEAREST, digit_quality, load_judge
 
 MAX_PAIRS_SHOWN = 16  # nearest.png shows the first 16 samples
+MAX_GRID = 128  # grid.png shows at most the first 128, 16 to a row
 
 
 def parse_args(argv=None):
@@ -49,6 +60,8 @@ def parse_args(argv=None):
                         help="seed for the starting noise (and the fresh noise of --eta above 0)")
     parser.add_argument("--output_dir", default=None,
                         help="folder for the samples and figures (default: samples/<checkpoint name>)")
+    parser.add_argument("--summary_only", action="store_true",
+                        help="write grid.png, nearest.png and samples.json, but not one PNG per sample")
     add_device_argument(parser)
     return parser.parse_args(argv)
 
@@ -67,6 +80,36 @@ def training_images(trained_on):
         return None
 
 
+def judge_digits(classifier, samples, trained_on, training, d1):
+    """The quality of digit samples (ddpm/quality.py) in the eyes of ``classifier``, printed and returned
+    for samples.json. ``trained_on`` names the training half ("S1" or "S2"); ``training`` holds the digits the model
+    saw; ``d1`` is each sample's distance to its nearest one.
+    """
+    if len(samples) <= K_NEAREST:
+        warn(f"no quality numbers for {len(samples)} samples: precision and recall need at least {K_NEAREST + 1}")
+        return None
+    other_half = next(half for half in TRAINING_HALVES if half != trained_on)  # real digits the model never saw
+    count = min(len(samples), len(DIGIT_SPLITS[other_half]))
+    if count < len(samples):
+        warn(f"the quality numbers use the first {count} samples: there are {count} unseen real digits to set "
+             "beside them")
+    held_out = digits("held_out")[0]
+    quality = digit_quality(classifier, samples[:count], held_out, digits(other_half)[0][:count])
+    held_out_d1 = nearest_training_images(held_out, training)[1]
+    quality.update({"judge": JUDGE_NAME, "samples_judged": count,
+                    "reference": f"the {len(held_out)} held-out digits",
+                    "real": f"the first {count} digits of {other_half}",
+                    "median_d1": round(float(d1.median()), 4),
+                    "held_out_median_d1": round(float(held_out_d1.median()), 4)})
+    print(f"quality of {count} samples against the {len(held_out)} held-out digits, in the judge's features "
+          f"({count} real digits the model never saw, for comparison): FLD {quality['fld']:.2f} "
+          f"({quality['real_fld']:.2f}), precision {quality['precision']:.3f} ({quality['real_precision']:.3f}), "
+          f"recall {quality['recall']:.3f} ({quality['real_recall']:.3f})")
+    print(f"median distance to the nearest training digit: samples {quality['median_d1']:.3f}, held-out digits "
+          f"{quality['held_out_median_d1']:.3f}; the judge reads the samples as 0-9: {quality['class_counts']}")
+    return quality
+
+
 def main():
     # glibc keeps freed activations for reuse: the run is 22% faster (benchmarks/process_tuning.json)
     keep_freed_memory()
@@ -80,23 +123,31 @@ def main():
                         "--max_noise 1 or --image_dir)")
     output_dir = args.output_dir or os.path.join("samples", os.path.splitext(os.path.basename(args.model_path))[0])
     names = [f"sample_{i:03d}.png" for i in range(args.num_samples)] + ["grid.png", "nearest.png", "samples.json"]
+    if args.summary_only:
+        names = names[args.num_samples :]
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UserError(f"--output_dir {output_dir!r} is a file, not a folder")
     for name in names:
-        check_writable(os.path.join(output_dir, name), "--output_dir", inputs=[args.model_path])
+        check_writable(os.path.join(output_dir, name), "--output_dir",
+                       inputs=[args.model_path, JUDGE_PATH, DIGITS_SHEET, DIGITS_LABELS])
+    classifier = load_judge() if "digits" in checkpoint["data"] else None  # read now: a missing one costs nothing
 
     samples = generate(model, schedule, (args.num_samples, 3, size, size), args.steps, args.eta, args.seed,
                        device).cpu()
-    for i, sample in enumerate(samples):
-        save_image(sample, os.path.join(output_dir, names[i]))
-    save_image_grid(samples, os.path.join(output_dir, "grid.png"))
+    if not args.summary_only:
+        for i, sample in enumerate(samples):
+            save_image(sample, os.path.join(output_dir, names[i]))
+    save_image_grid(samples[:MAX_GRID], os.path.join(output_dir, "grid.png"),
+                    columns=8 if len(samples) <= 64 else 16)
     print(f"{args.num_samples} samples of {size}x{size} px from pure noise in {args.steps} steps"
           + (f" (eta={args.eta:g})" if args.eta else "") + f", seed {args.seed}, on {device}")
-    print(f"saved {output_dir}/sample_000.png ... {names[args.num_samples - 1]} and grid.png")
+    print(f"saved {output_dir}/" + ("grid.png" if args.summary_only else
+                                     f"sample_000.png ... {names[args.num_samples - 1]} and grid.png"))
 
     summary = {"model_path": args.model_path, "num_samples": args.num_samples, "steps": args.steps,
                "eta": args.eta, "seed": args.seed, "img_size": size,
-               "samples": [{"file": name} for name in names[: args.num_samples]]}
+               "samples": [{"file": None if args.summary_only else f"sample_{i:03d}.png"}
+                           for i in range(args.num_samples)]}
     training = training_images(checkpoint["data"])
     if training is not None:
         dataset, files = training
@@ -118,6 +169,10 @@ def main():
                 "training image than that image lies to a flat image of its own colour")
         print(f"memorised: {int(memorized.sum())} of {args.num_samples} ({100 * fraction:.0f}%) lie 3x closer to their "
               f"{rule} (d1/d2 < 1/3; median d1/d2 {ratio.median():.2f}); saved nearest.png")
+        if classifier is not None:
+            quality = judge_digits(classifier, samples, checkpoint["data"]["digits"], dataset, d1)
+            if quality is not None:
+                summary["quality"] = quality
     write_json(os.path.join(output_dir, "samples.json"), summary)
     print(f"saved {output_dir}/samples.json")
 

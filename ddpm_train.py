@@ -5,6 +5,7 @@ self-describing checkpoint.
     python ddpm_train.py --image_path my_photo.jpg --img_size 128    # -> model_ckpt/my_photo_unet.pth
     python ddpm_train.py --image_dir my_photos/ --img_size 32         # -> model_ckpt/my_photos_unet.pth
     torchrun --standalone --nproc_per_node 2 ddpm_train.py --image_dir my_photos/ --img_size 32
+    python ddpm_train.py --digits S1 --base_channels 32 --channel_mults 1,2,2   # the shipped MNIST digits
     python ddpm_train.py --resume model_ckpt/demo_unet.resume.pth    # continue a stopped run
 
 Each step noises the image as x_t = (1 - w) * x0 + w * eps at a random t and
@@ -33,7 +34,8 @@ import torch
 
 from ddpm.cli import (MAX_SEED, ArgumentParser, add_device_argument, below_one, channel_multipliers, fraction,
                       int_in_range, keep_freed_memory, pick_device, positive_float, run, say, stop_on_sigint, warn)
-from ddpm.data import TrainingData, check_same_data, choose_images
+from ddpm.data import (DIGIT_SPLITS, DIGITS_SIDE, TRAINING_HALVES, DigitsData, TrainingData, check_same_data,
+                       choose_images)
 from ddpm.diffusion import DEFAULT_MAX_NOISE, NoiseSchedule
 from ddpm.distributed import is_main_process, join_processes, launcher, rank_and_world_size, wait_for_everyone
 from ddpm.errors import UserError
@@ -46,8 +48,23 @@ from models.unet_model import UNet, check_image_size
 # What a folder changes: a generator starts from pure noise, and averages its weights
 FOLDER_DEFAULTS = {"max_noise": 1.0, "batch_size": 16, "ema_decay": 0.999}
 IMAGE_DEFAULTS = {"max_noise": DEFAULT_MAX_NOISE, "batch_size": 1, "ema_decay": 0.0}
+# The shipped digits at 28 px: three levels (28 -> 14 -> 7), self-attention at 7 x 7, and the rest of the recipe
+# of model_ckpt/digits_unet.pth
+DIGITS_DEFAULTS = {"channel_mults": [1, 2, 4], "attention": True, "batch_size": 64, "train_steps": 2500, "lr": 2e-3}
 EXIT_INTERRUPTED = 130  # the shell's code for "stopped by Ctrl-C"
 MODEL_FOLDER = "model_ckpt"  # where a picture's model goes by default: <folder>/<image stem>_unet.pth
+
+
+def digits_recipe():
+    """DIGITS_DEFAULTS as a user would type them: --channel_mults 1,2,2 --batch_size 32 ..."""
+    words = []
+    for name, value in DIGITS_DEFAULTS.items():
+        if value is True:  # a switch
+            words.append(f"--{name}")
+            continue
+        text = ",".join(map(str, value)) if isinstance(value, list) else f"{value:g}"
+        words.append(f"--{name} {text}")
+    return " ".join(words)
 
 
 def build_parser():
@@ -68,8 +85,12 @@ def build_parser():
     parser.add_argument("--image_dir", default=None,
                         help="learn every image in this folder and its sub-folders instead, in sorted order "
                              "(default: one image, --image_path)")
+    parser.add_argument("--digits", choices=TRAINING_HALVES, default=None,
+                        help=f"learn the shipped MNIST digits instead (data/mnist.png, {DIGITS_SIDE} px): one of the "
+                             f"two disjoint training halves of {len(DIGIT_SPLITS['S1'])} digits each; flags left out "
+                             f"take the recipe of the shipped digit generator ({digits_recipe()})")
     parser.add_argument("--num_images", type=int_in_range(1, 10**8), default=None,
-                        help="with --image_dir: only the first N images (default: all)")
+                        help="with --image_dir or --digits: only the first N images (default: all)")
     parser.add_argument("--model_save_path", default=None,
                         help="where to write the checkpoint; each picture gets its own, so the shipped model "
                              f"stays as it is (default: {MODEL_FOLDER}/<image stem>_unet.pth)")
@@ -123,12 +144,21 @@ def check_flags(args, typed):
     """Flags that contradict each other; then the defaults that depend on one image or a folder."""
     if args.image_dir is not None and "image_path" in typed:
         raise UserError("--image_dir and --image_path cannot be used together: learn one image or one folder")
-    if args.num_images is not None and args.image_dir is None:
-        raise UserError("--num_images needs --image_dir: it takes the first N images of a folder")
-    if args.image_dir is not None:
+    if args.digits is not None and ({"image_path", "image_dir"} & typed):
+        raise UserError("--digits cannot be used with --image_path or --image_dir: learn one data set at a time")
+    if args.digits is not None and "img_size" in typed and args.img_size != DIGITS_SIDE:
+        raise UserError(f"--img_size {args.img_size} does not fit --digits: the digits are {DIGITS_SIDE} px")
+    if args.num_images is not None and args.image_dir is None and args.digits is None:
+        raise UserError("--num_images needs --image_dir or --digits: it takes the first N images of a data set")
+    if args.image_dir is not None or args.digits is not None:
         args.image_path = None
+    if args.digits is not None:
+        args.img_size = DIGITS_SIDE
+        for name, value in DIGITS_DEFAULTS.items():
+            if name not in typed and not args.resume:
+                setattr(args, name, value)
     if not args.resume:  # a resumed run takes these from its snapshot
-        defaults = FOLDER_DEFAULTS if args.image_dir is not None else IMAGE_DEFAULTS
+        defaults = IMAGE_DEFAULTS if args.image_path is not None else FOLDER_DEFAULTS
         for name, value in defaults.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
@@ -207,17 +237,20 @@ def main():
 def outputs_and_data(args, snapshot):
     """Where the run writes (checked before any work), and what it learns: (paths, TrainingData, Dataset)."""
     chosen_path = args.model_save_path is not None  # typed, or the resumed run's
-    source = args.image_dir if args.image_dir is not None else args.image_path
+    source = args.image_dir or args.image_path or ("digits" if args.digits == "S1" else f"digits_{args.digits}")
     args.model_save_path = args.model_save_path or default_save_path(source)
     paths = companion_paths(args.model_save_path)
     # the files to learn: listed now, so that no output may overwrite one; decoded after the checks
-    images = choose_images(args.image_dir, args.num_images) if args.image_dir is not None else [args.image_path]
+    if args.digits is not None:
+        data = DigitsData(args.digits, args.num_images)
+    else:
+        images = choose_images(args.image_dir, args.num_images) if args.image_dir is not None else [args.image_path]
+        data = TrainingData(images, args.img_size, image_dir=args.image_dir)
     for name, path in {"--model_save_path": args.model_save_path, **paths}.items():
-        check_writable(path, name, inputs=images)
-    data = TrainingData(images, args.img_size, image_dir=args.image_dir)
+        check_writable(path, name, inputs=data.paths)
     dataset = data.dataset(warn=warn)
     if snapshot is not None:
-        restore = "them" if args.image_dir is not None else "the image"
+        restore = "the image" if args.image_path is not None else "them"
         check_same_data(snapshot["data"], data, resumed=True, fix=f"restore {restore}, or start a new run")
     if not chosen_path:
         keep_another_models(args.model_save_path, data)

@@ -21,6 +21,7 @@ from .distributed import is_main_process, launcher
 from .errors import UserError
 from .figures import save_loss_by_noise, save_loss_curve, save_quality_curve
 from .files import write_json
+from .machine import describe
 from .metrics import psnr
 
 # The flags that define a run: a resumed run takes them from its checkpoint.
@@ -28,7 +29,7 @@ RUN_SETTINGS = ("img_size", "batch_size", "train_steps", "lr", "image_path", "se
                 "channel_mults", "max_noise")
 # settings added later, with the value that runs which predate them had
 LATER_SETTINGS = {"attention": False, "coords": False, "canvas": False, "image_dir": None, "num_images": None,
-                  "ema_decay": 0.0}
+                  "ema_decay": 0.0, "digits": None}
 SCRIPT = "ddpm_train.py"
 EVAL_IMAGES = 8  # with a folder, the quality check denoises its first 8 images
 EVAL_T, EVAL_NOISE_SEED = 500, 0  # the quality check denoises what `python ddpm_infer.py` does by default
@@ -91,7 +92,7 @@ def keep_another_models(path, data):
     except UserError:  # not a checkpoint of ours: not ours to replace either
         raise UserError(f"{path!r} exists and is not a checkpoint of this project, {keep}") from None
     if data_identity(trained_on) != data.identity:
-        source = trained_on.get("image_dir") or trained_on.get("image_path")
+        source = trained_on.get("image_dir") or trained_on.get("image_path") or f"digits {trained_on.get('digits')}"
         raise UserError(f"{path!r} holds the model of another picture ({source}), {keep}")
 
 
@@ -152,6 +153,7 @@ class RunRecord:
             "command": " ".join(self.command()),
             "args": dict(vars(self.args)),
             "seed": self.args.seed, "device": str(self.device), "processes": trainer.world_size,
+            "machine": describe(),
             "torch_version": str(torch.__version__), "python_version": platform.python_version(),
             "wall_time_s": round(self.elapsed(), 2), "train_steps": trainer.step,
             "final_loss": trainer.final_loss(),

@@ -59,10 +59,6 @@ def commands(scratch):
         "python ddpm_train.py --train_steps 40": [
             "ddpm_train.py", "--train_steps", "40", "--eval_every", "0", "--save_every", "0",
             "--model_save_path", f"{scratch}/model.pth"],
-        "python experiments/memorization.py --num_images 64 --train_steps 100 --num_samples 20": [
-            "experiments/memorization.py", "--num_images", "64", "--train_steps", "100", "--num_samples", "20",
-            "--eval_every", "100", "--figure_path", f"{scratch}/m.png", "--samples_figure_path",
-            f"{scratch}/ms.png", "--json_path", f"{scratch}/m.json"],
     }
 
 

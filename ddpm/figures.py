@@ -9,6 +9,8 @@
     save_quality_curve  PSNR during training against wall time
     save_image_grid     samples in a grid
     save_nearest_pairs  samples beside their nearest training images
+    save_generalization_grid    two models' samples from the same noise, beside their nearest training digits
+    save_generalization_curves  the generalisation experiment against N
 
 Nothing here computes a metric or runs the model. Matplotlib is used through
 its object API (Figure + the Agg canvas), so no window or global state is
@@ -264,46 +266,61 @@ def save_nearest_pairs(pairs, path, title, columns=4):
     _save(fig, path)
 
 
-def save_memorization(runs, path):
-    """The memorisation experiment: the memorised fraction against N; how close samples and held-out
-    real images come to the training set; and the fraction against training steps for a few N.
+def save_generalization_grid(rows, path):
+    """The Kadkhodaie et al. figure: for each N, a few starting noises, each shown as four images:
+    the S1 image nearest to model A's sample, A's sample, B's sample, the S2 image nearest to B's.
 
-    runs: list of dicts with num_images, memorized_fraction, median_d1, held_out_median_d1 (optional)
-    and curve = {step: [...], memorized_fraction: [...]}.
+    rows: list of (N, [(nearest S1, A, B, nearest S2), ...]), images (3, H, W) in [-1, 1].
+    """
+    per_row = len(rows[0][1])
+    header_in, row_in = 0.45, 0.62 * per_row / 4 + 0.35
+    height = header_in + len(rows) * row_in
+    fig = _new_figure(1.4 + 2.0 * per_row, height)
+    fig.suptitle("from the same noise: nearest S1 digit | model A (trained on S1) | model B (trained on S2) | "
+                 "nearest S2 digit", fontsize=10, y=1 - 0.15 / height)
+    for index, (n, quads) in enumerate(rows):
+        bottom = (height - header_in - (index + 1) * row_in) / height
+        ax = fig.add_axes((0.11, bottom, 0.88, 0.9 * row_in / height))
+        tiles = torch.stack([image for quad in quads for image in quad]).float().cpu()
+        _show(ax, make_grid(tiles, nrow=len(tiles), padding=1, pad_value=1.0))
+        for k in range(1, per_row):  # a wider gap between one noise's four images and the next
+            ax.axvline(k * 4 * (tiles.shape[-1] + 1), color="white", linewidth=4)
+        ax.text(-0.01, 0.5, f"N = {n:,}", transform=ax.transAxes, ha="right", va="center", fontsize=10)
+    _save(fig, path)
+
+
+def save_generalization_curves(rows, path):
+    """The generalisation experiment against N: copies; how alike the two models' samples are and how
+    alike each is to its nearest training digit; and the FLD against held-out digits.
+
+    rows: the experiment's records (a dict per N, as in images/generalization.json).
     """
     fig = _new_figure(15, 4.2)
-    n = [run["num_images"] for run in runs]
+    n = [row["num_images"] for row in rows]
     ax = fig.add_axes((0.05, 0.14, 0.27, 0.74))
-    ax.plot(n, [100 * run["memorized_fraction"] for run in runs], "o-", color="tab:red")
-    ax.set(xscale="log", xlabel="training images N", ylabel="samples memorised (%)", ylim=(-3, 103),
-           title="copies of a training image (d1/d2 < 1/3)")
+    for model, style in (("A", "o-"), ("B", "s--")):
+        ax.plot(n, [100 * row[model]["memorized_fraction"] for row in rows], style, label=f"model {model}")
+    ax.set(xscale="log", xlabel="training digits N (each model)", ylabel="samples memorised (%)", ylim=(-3, 103),
+           title="copies of a training digit (d1/d2 < 1/3)")
+    ax.legend(fontsize=9)
     ax.grid(alpha=0.3)
 
     ax = fig.add_axes((0.38, 0.14, 0.27, 0.74))
-    ax.plot(n, [run["median_d1"] for run in runs], "o-", label="samples")
-    held = [(run["num_images"], run["held_out_median_d1"]) for run in runs if "held_out_median_d1" in run]
-    if held:
-        ax.plot(*zip(*held), "s--", color="gray", label="real digits never trained on")
-    ax.set(xscale="log", xlabel="training images N", ylabel="median distance d1 to the nearest training image",
-           title="how close to the training set")
+    ax.plot(n, [row["median_cosine_a_b"] for row in rows], "o-", color="tab:green", label="A's sample vs B's")
+    for model, style in (("A", "^:"), ("B", "v:")):
+        ax.plot(n, [row[model]["median_nearest_cosine"] for row in rows], style,
+                label=f"{model}'s sample vs its nearest training digit")
+    ax.set(xscale="log", xlabel="training digits N (each model)", ylabel="median cosine similarity",
+           title="same noise, disjoint data: who agrees with whom", ylim=(0, 1.02))
     ax.legend(fontsize=9)
     ax.grid(alpha=0.3)
 
     ax = fig.add_axes((0.71, 0.14, 0.27, 0.74))
-    picks = transition_runs(runs)
-    for run in picks:
-        ax.plot(run["curve"]["step"], [100 * f for f in run["curve"]["memorized_fraction"]], "o-", ms=3,
-                label=f"N = {run['num_images']}")
-    ax.set(xlabel="training step", ylabel="samples memorised (%)", ylim=(-3, 103),
-           title="memorisation sets in later for larger N")
+    for model, style in (("A", "o-"), ("B", "s--")):
+        ax.plot(n, [row[model]["fld"] for row in rows], style, label=f"model {model}")
+    ax.plot(n, [row["A"]["real_fld"] for row in rows], ":", color="gray", label="real digits never trained on")
+    ax.set(xscale="log", yscale="log", xlabel="training digits N (each model)",
+           ylabel="FLD against held-out digits", title="how far from real digits (lower is better)")
     ax.legend(fontsize=9)
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
     _save(fig, path)
-
-
-def transition_runs(runs):
-    """The runs around the switch: from the last N that copied every sample to the first that copied none."""
-    fractions = [run["memorized_fraction"] for run in runs]
-    first = max([i for i, f in enumerate(fractions) if f == 1.0], default=0)
-    last = next((i for i, f in enumerate(fractions) if i > first and f == 0.0), len(runs) - 1)
-    return runs[first : last + 1]

@@ -98,3 +98,23 @@ def nearest_training_images(samples, training, chunk=256):
 def signed_to_unit_flat(images):
     """(K, C, H, W) in [-1, 1] -> (K, C*H*W) float64 in [0, 1]."""
     return ((images.detach().double().cpu() + 1) / 2).flatten(1)
+
+
+def cosine_similarity(a, b):
+    """Cosine of the angle between paired images, (K, C, H, W) each -> (K,), on the [0, 1] scale.
+
+    On that scale paper is 0 and ink is 1, so the cosine compares the strokes alone: 1 for the same
+    strokes (at any brightness), 0 for strokes that never overlap. Kadkhodaie et al. (2024) compare
+    two models' samples from the same noise this way.
+    """
+    return F.cosine_similarity(signed_to_unit_flat(a), signed_to_unit_flat(b), dim=1)
+
+
+def nearest_cosine_similarity(samples, training, chunk=1024):
+    """For each sample, the largest cosine similarity to any training image, (K,): 1 for an exact copy."""
+    flat = F.normalize(signed_to_unit_flat(samples), dim=1)  # (K, D), unit length
+    best = torch.full((len(flat),), -1.0, dtype=torch.float64)
+    for start in range(0, len(training), chunk):
+        part = F.normalize(signed_to_unit_flat(training[start : start + chunk]), dim=1)
+        best = torch.maximum(best, (flat @ part.T).max(dim=1).values)
+    return best

@@ -164,7 +164,7 @@ def test_the_tuning_benchmark_knows_which_scripts_keep_freed_memory():
     giving it to the others: its list must be the code's."""
     from benchmarks import process_tuning
 
-    scripts = ["ddpm_train.py", "ddpm_infer.py", "ddpm_sample.py", "experiments/memorization.py"]
+    scripts = ["ddpm_train.py", "ddpm_infer.py", "ddpm_sample.py"]
     calling = [script for script in scripts if "\n    keep_freed_memory()\n" in open(os.path.join(REPO, script)).read()]
     assert tuple(calling) == process_tuning.KEEPS_FREED_MEMORY
     assert sorted(argv[0] for argv in process_tuning.commands("scratch").values()) == sorted(scripts)

@@ -19,7 +19,12 @@ DEMO = os.path.join(REPO, "images", "demo.png")
 FIGURES = ["images/inference_result.png", "images/noise_sweep.png", "images/denoise_trajectory.png",
            "images/unseen_image.png", "images/unseen_trajectory.png",
            "images/denoise_trajectory.gif", "images/inference_result_10_steps.png", "images/full_noise_result.png",
-           "images/full_noise_trajectory.png", "images/full_noise_trajectory.gif", "images/first_prediction.png"]
+           "images/full_noise_trajectory.png", "images/full_noise_trajectory.gif", "images/generalization.png",
+           "images/generalization_grid.png", "images/digits_samples/grid.png"]
+OTHER_SHIPPED = ["images/first_prediction.png", "model_ckpt/digits_unet.pth", "model_ckpt/digits_unet.json",
+                 "model_ckpt/digit_classifier.pth", "model_ckpt/digit_classifier.json", "data/mnist.png",
+                 "data/mnist_labels.txt", "images/generalization.json", "images/digits_samples/samples.json",
+                 "images/digits_samples/nearest.png"]
 RUN_FILES = ["model_ckpt/demo_unet_loss.png", "model_ckpt/demo_unet_loss_by_noise.png", "model_ckpt/demo_unet.json",
              "model_ckpt/demo_unet_psnr.png",
              "model_ckpt/demo_unet_full_noise_loss.png", "model_ckpt/demo_unet_full_noise_loss_by_noise.png",
@@ -35,7 +40,7 @@ def readme(name):
 
 
 @pytest.mark.parametrize("path", ["model_ckpt/demo_unet.pth", "model_ckpt/demo_unet_full_noise.pth",
-                                  "images/demo.png", "images/astronaut.png", *FIGURES, *RUN_FILES])
+                                  "images/demo.png", "images/astronaut.png", *FIGURES, *RUN_FILES, *OTHER_SHIPPED])
 def test_shipped_files_exist_and_are_small(path):
     assert os.path.getsize(os.path.join(REPO, path)) < MAX_SHIPPED_BYTES
 
@@ -53,14 +58,16 @@ def test_shipped_photos_are_256_px_rgb(path):
     assert image.size == (256, 256) and image.mode == "RGB"
 
 
+DIGITS = os.path.join(REPO, "model_ckpt", "digits_unet.pth")
 DOCUMENTED_COMMANDS = {
     CHECKPOINT: "python ddpm_train.py",
+    DIGITS: "python ddpm_train.py --digits S1",
     FULL_NOISE: "python ddpm_train.py --max_noise 1.0 --batch_size 4 --train_steps 1000 --canvas "
                 "--model_save_path model_ckpt/demo_unet_full_noise.pth",
 }
 
 
-@pytest.mark.parametrize("path", [CHECKPOINT, FULL_NOISE])
+@pytest.mark.parametrize("path", [CHECKPOINT, FULL_NOISE, DIGITS])
 def test_shipped_run_records_name_the_documented_command_and_the_shipped_path(path):
     record = json.load(open(path[: -len(".pth")] + ".json"))
     assert record["command"] == DOCUMENTED_COMMANDS[path]
@@ -178,7 +185,8 @@ def test_ablation_of_global_context_is_shown_as_measured():
     assert set(results["variants"]) == set(global_context.VARIANTS)
     train_steps = int(results["recipe"][results["recipe"].index("--train_steps") + 1])
     assert global_context.format_table(results["variants"], train_steps) in readme("benchmarks/README.md")
-    assert "images/first_prediction.png" in readme("README.md") and "images/first_prediction.png" in readme("README.en.md")
+    for name in ("docs/global_context.md", "docs/global_context.zh.md"):  # the README's deep dive on it
+        assert "../images/first_prediction.png" in readme(name), name
 
 
 def test_readmes_quote_the_training_run_as_its_record_has_it():

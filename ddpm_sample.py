@@ -39,6 +39,7 @@ from ddpm.errors import UserError
 from ddpm.figures import save_image_grid, save_nearest_pairs
 from ddpm.files import check_writable, write_json
 from ddpm.imaging import save_image
+from ddpm.machine import describe
 from ddpm.metrics import MEMORIZED_RATIO, nearest_training_images
 from ddpm.quality import JUDGE_NAME, JUDGE_PATH, K_NEAREST, digit_quality, load_judge
 
@@ -145,7 +146,7 @@ def main():
                                      f"sample_000.png ... {names[args.num_samples - 1]} and grid.png"))
 
     summary = {"model_path": args.model_path, "num_samples": args.num_samples, "steps": args.steps,
-               "eta": args.eta, "seed": args.seed, "img_size": size,
+               "eta": args.eta, "seed": args.seed, "img_size": size, "device": str(device), "machine": describe(),
                "samples": [{"file": None if args.summary_only else f"sample_{i:03d}.png"}
                            for i in range(args.num_samples)]}
     training = training_images(checkpoint["data"])

@@ -5,7 +5,7 @@ self-describing checkpoint.
     python ddpm_train.py --image_path my_photo.jpg --img_size 128    # -> model_ckpt/my_photo_unet.pth
     python ddpm_train.py --image_dir my_photos/ --img_size 32         # -> model_ckpt/my_photos_unet.pth
     torchrun --standalone --nproc_per_node 2 ddpm_train.py --image_dir my_photos/ --img_size 32
-    python ddpm_train.py --digits S1 --base_channels 32 --channel_mults 1,2,2   # the shipped MNIST digits
+    python ddpm_train.py --digits S1                                  # -> model_ckpt/digits_unet.pth
     python ddpm_train.py --resume model_ckpt/demo_unet.resume.pth    # continue a stopped run
 
 Each step noises the image as x_t = (1 - w) * x0 + w * eps at a random t and
@@ -56,7 +56,7 @@ MODEL_FOLDER = "model_ckpt"  # where a picture's model goes by default: <folder>
 
 
 def digits_recipe():
-    """DIGITS_DEFAULTS as a user would type them: --channel_mults 1,2,2 --batch_size 32 ..."""
+    """DIGITS_DEFAULTS as a user would type them, for --help: --channel_mults 1,2,4 --attention ..."""
     words = []
     for name, value in DIGITS_DEFAULTS.items():
         if value is True:  # a switch

@@ -6,6 +6,8 @@ self-describing checkpoint.
     python ddpm_train.py --image_dir my_photos/ --img_size 32         # -> model_ckpt/my_photos_unet.pth
     torchrun --standalone --nproc_per_node 2 ddpm_train.py --image_dir my_photos/ --img_size 32
     python ddpm_train.py --digits S1                                  # -> model_ckpt/digits_unet.pth
+    python ddpm_train.py --digits S1 --class_conditional              # -> model_ckpt/digits_cond_unet.pth
+    python ddpm_train.py --image_dir pets/ --class_conditional        # pets/cat/, pets/dog/: one class each
     python ddpm_train.py --resume model_ckpt/demo_unet.resume.pth    # continue a stopped run
 
 Each step noises the image as x_t = (1 - w) * x0 + w * eps at a random t and
@@ -17,9 +19,14 @@ While it runs, a resumable snapshot is kept beside the checkpoint
 you press Ctrl-C. The finished model replaces the checkpoint only at the
 end, and the snapshot is then deleted.
 
-Each picture (or folder) gets its own checkpoint, model_ckpt/<stem>_unet.pth,
-unless --model_save_path says otherwise; a checkpoint of other pictures is
-never replaced without that flag.
+With --class_conditional the model also learns each image's class (the
+digits' labels, or the sub-folder of --image_dir it lies in) and, at the rate
+--label_dropout, to draw with no class: what classifier-free guidance needs
+(ddpm/guidance.py; ddpm_sample.py --label --guidance asks for a class).
+
+Each picture (or folder) gets its own checkpoint, model_ckpt/<stem>_unet.pth
+(<stem>_cond_unet.pth with classes), unless --model_save_path says otherwise;
+a checkpoint of other pictures is never replaced without that flag.
 
 Under torchrun every process runs this script: each trains on its own share
 of every batch, with its own images and noise, DistributedDataParallel
@@ -40,6 +47,7 @@ from ddpm.diffusion import DEFAULT_MAX_NOISE, NoiseSchedule
 from ddpm.distributed import is_main_process, join_processes, launcher, rank_and_world_size, wait_for_everyone
 from ddpm.errors import UserError
 from ddpm.files import check_writable
+from ddpm.guidance import LABEL_DROPOUT
 from ddpm.training import WARMUP_STEPS, NonFiniteLoss, Trainer, rank_seed
 from ddpm.training_run import (EVAL_T, SCRIPT, RunRecord, companion_paths, continue_from, keep_another_models,
                                open_snapshot)
@@ -91,6 +99,13 @@ def build_parser():
                              f"take the recipe of the shipped digit generator ({digits_recipe()})")
     parser.add_argument("--num_images", type=int_in_range(1, 10**8), default=None,
                         help="with --image_dir or --digits: only the first N images (default: all)")
+    parser.add_argument("--class_conditional", action="store_true",
+                        help="with --image_dir or --digits: learn each image's class too, so that ddpm_sample.py "
+                             "--label can ask for one (the digits' labels; a folder's sub-folders are its classes, "
+                             "as torchvision's ImageFolder reads them)")
+    parser.add_argument("--label_dropout", type=below_one, default=None,
+                        help="with --class_conditional: the share of images shown with no class, so that the same "
+                             f"model also learns to draw unconditionally (default: {LABEL_DROPOUT})")
     parser.add_argument("--model_save_path", default=None,
                         help="where to write the checkpoint; each picture gets its own, so the shipped model "
                              f"stays as it is (default: {MODEL_FOLDER}/<image stem>_unet.pth)")
@@ -150,6 +165,12 @@ def check_flags(args, typed):
         raise UserError(f"--img_size {args.img_size} does not fit --digits: the digits are {DIGITS_SIDE} px")
     if args.num_images is not None and args.image_dir is None and args.digits is None:
         raise UserError("--num_images needs --image_dir or --digits: it takes the first N images of a data set")
+    if args.class_conditional and args.image_dir is None and args.digits is None and not args.resume:
+        raise UserError("--class_conditional needs --image_dir or --digits: one image has no classes to learn")
+    if args.label_dropout is not None and not args.class_conditional and not args.resume:
+        raise UserError("--label_dropout needs --class_conditional: it hides the class of some training images")
+    if args.class_conditional and args.label_dropout is None and not args.resume:
+        args.label_dropout = LABEL_DROPOUT
     if args.image_dir is not None or args.digits is not None:
         args.image_path = None
     if args.digits is not None:
@@ -164,25 +185,27 @@ def check_flags(args, typed):
                 setattr(args, name, value)
 
 
-def default_save_path(source):
-    """model_ckpt/<stem>_unet.pth: one model per picture or folder (images/demo.png -> model_ckpt/demo_unet.pth)."""
+def default_save_path(source, class_conditional=False):
+    """model_ckpt/<stem>_unet.pth: one model per picture or folder (images/demo.png -> model_ckpt/demo_unet.pth),
+    and <stem>_cond_unet.pth for a model of its classes."""
     stem = os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
-    return os.path.join(MODEL_FOLDER, f"{stem}_unet.pth")
+    return os.path.join(MODEL_FOLDER, f"{stem}{'_cond' if class_conditional else ''}_unet.pth")
 
 
-def new_model(args):
-    """Check the settings against each other and build a freshly initialised network."""
+def new_model(args, classes=None):
+    """Check the settings against each other and build a freshly initialised network (of ``classes``, if given)."""
     torch.manual_seed(args.seed)  # the initial weights: the same in every process
     try:
         model = UNet(in_channels=3, base_channels=args.base_channels, channel_mults=args.channel_mults,
-                     attention=args.attention, coords=args.coords, canvas_size=args.img_size if args.canvas else None)
+                     attention=args.attention, coords=args.coords, canvas_size=args.img_size if args.canvas else None,
+                     num_classes=len(classes) if classes else None)
         check_image_size(args.img_size, args.channel_mults)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return model
 
 
-def make_trainer(args, model, dataset, device, snapshot):
+def make_trainer(args, model, data, dataset, device, snapshot):
     """A Trainer for a new run, or one that continues the run in ``snapshot``."""
     rank = rank_and_world_size()[0]
     # each process draws its own t and eps; a single process draws from --seed itself
@@ -190,7 +213,7 @@ def make_trainer(args, model, dataset, device, snapshot):
     try:
         trainer = Trainer(model, dataset, NoiseSchedule(max_noise=args.max_noise), args.train_steps, args.lr,
                           batch_size=args.batch_size, generator=generator, ema_decay=args.ema_decay,
-                          data_seed=args.seed)
+                          data_seed=args.seed, labels=data.labels, label_dropout=args.label_dropout or 0.0)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if snapshot is not None:
@@ -221,12 +244,15 @@ def main():
     args, typed = parse_args()
     check_flags(args, typed)
     device = join_processes(pick_device(args.device))
-    model, snapshot = open_snapshot(args, typed, device) if args.resume else (new_model(args), None)
-    paths, data, dataset = outputs_and_data(args, snapshot)
+    model, snapshot = open_snapshot(args, typed, device) if args.resume else (None, None)
+    chosen_path = args.model_save_path is not None  # typed, or the resumed run's
+    paths, data = outputs_and_data(args)
+    model = model or new_model(args, data.classes)
+    dataset = read_data(args, data, snapshot, chosen_path)
     record = RunRecord(args, device, data, dataset, earlier=snapshot["train"] if snapshot else None)
     # channels_last lets the CPU and GPU convolution kernels skip layout shuffles
     model = model.to(device, memory_format=torch.channels_last)
-    trainer = make_trainer(args, model, dataset, device, snapshot)
+    trainer = make_trainer(args, model, data, dataset, device, snapshot)
     if not train_until_done_or_stopped(trainer, args, record, paths["snapshot"]):
         stop_with_a_snapshot(trainer, args, record, paths["snapshot"])
     record.save(args.model_save_path, trainer, resumable=False)
@@ -234,27 +260,32 @@ def main():
         finish(args, trainer, record, paths)
 
 
-def outputs_and_data(args, snapshot):
-    """Where the run writes (checked before any work), and what it learns: (paths, TrainingData, Dataset)."""
-    chosen_path = args.model_save_path is not None  # typed, or the resumed run's
+def outputs_and_data(args):
+    """Where the run writes, and what it learns (listed, so that no output may overwrite one; its classes found),
+    all checked before any work: (paths, TrainingData or DigitsData)."""
     source = args.image_dir or args.image_path or ("digits" if args.digits == "S1" else f"digits_{args.digits}")
-    args.model_save_path = args.model_save_path or default_save_path(source)
+    args.model_save_path = args.model_save_path or default_save_path(source, args.class_conditional)
     paths = companion_paths(args.model_save_path)
-    # the files to learn: listed now, so that no output may overwrite one; decoded after the checks
     if args.digits is not None:
-        data = DigitsData(args.digits, args.num_images)
+        data = DigitsData(args.digits, args.num_images, class_conditional=args.class_conditional)
     else:
         images = choose_images(args.image_dir, args.num_images) if args.image_dir is not None else [args.image_path]
-        data = TrainingData(images, args.img_size, image_dir=args.image_dir)
+        data = TrainingData(images, args.img_size, image_dir=args.image_dir, class_conditional=args.class_conditional)
     for name, path in {"--model_save_path": args.model_save_path, **paths}.items():
         check_writable(path, name, inputs=data.paths)
+    return paths, data
+
+
+def read_data(args, data, snapshot, chosen_path):
+    """Decode the images to learn (finding any unreadable one), then check them against the resumed run and,
+    unless the save path was ``chosen_path``, against a model already at the default one. Returns the Dataset."""
     dataset = data.dataset(warn=warn)
     if snapshot is not None:
         restore = "the image" if args.image_path is not None else "them"
         check_same_data(snapshot["data"], data, resumed=True, fix=f"restore {restore}, or start a new run")
     if not chosen_path:
         keep_another_models(args.model_save_path, data)
-    return paths, data, dataset
+    return dataset
 
 
 def stop_with_a_snapshot(trainer, args, record, snapshot_path):

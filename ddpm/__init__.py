@@ -2,15 +2,16 @@
 
     diffusion    the noise process: w(t), add_noise, the training loss, denoising, generation
     training     the training loop (Adam, warm-up, cosine decay, clipping, EMA, many processes)
+    guidance     classifier-free guidance: label dropout in training, x0_uncond + S * (x0_cond - x0_uncond)
     training_run one run of ddpm_train.py: its files, resuming it, quality checks, its run record
     distributed  this process's rank, and joining the process group that torchrun starts
     data         one image or a folder as a Dataset, the order of batches, the shipped digits and their split,
-                 and the check that data are what a checkpoint was trained on
+                 a folder's classes, and the check that data are what a checkpoint was trained on
     checkpoint   the self-describing checkpoint file: save (atomic), load (safe)
     imaging      image files <-> tensors in [-1, 1], and the one safe way to open an image file
     figures      the figures: result triptych, trajectory, noise sweep, training plots, samples
     metrics      PSNR, SSIM, and how close a sample lies to its nearest training images (L2, cosine)
-    quality      how good generated digits are: FLD, precision and recall in the judge's features
+    quality      how good generated digits are: FLD, precision and recall in the judge's features, accuracy
     machine      which machine a time was measured on
     cli          what the scripts share: flags, the device, messages, the error exit
     files        safe writes: atomic files and JSON, checks before writing

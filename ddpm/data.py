@@ -10,6 +10,7 @@ times, each copy noised at its own t.
     dataset_digest(root, paths) one SHA-256 naming exactly which files (and bytes) a model saw
     TrainingData(paths, size)   what a model learns, and how its checkpoint records it
     DigitsData(split, n)        the same for the first n shipped digits of one part of the split
+    folder_classes(folder, ps)  the classes of a folder whose sub-folders are the classes (torchvision's ImageFolder)
     recorded_training_data(r)   the data a checkpoint names, found and checked unchanged
     batch_stream(...)           the endless sequence of index batches, epoch after epoch, per process
     digits(split)               the 5,000 MNIST digits shipped in data/ (or one part of the split), with labels
@@ -118,6 +119,21 @@ class ImageTensors(Dataset):
         return self.images[index]
 
 
+class LabelledImages(Dataset):
+    """A Dataset of images with a class each: item i is (dataset[i], labels[i]), what a conditional model learns."""
+
+    def __init__(self, dataset, labels):
+        if len(labels) != len(dataset):
+            raise ValueError(f"{len(dataset)} images but {len(labels)} labels")
+        self.dataset, self.labels = dataset, labels
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset[index], self.labels[index]
+
+
 def _check_opens(path):
     """Raise UserError unless ``path`` opens as an image (Pillow's verify(): the header and, for PNG, the checksums)."""
     with open_image(path) as img:
@@ -136,6 +152,43 @@ def dataset_digest(root, paths):
     return digest.hexdigest()
 
 
+def folder_classes(folder, paths):
+    """The classes of a folder whose sub-folders are the classes, as torchvision's ImageFolder reads it.
+
+    pets/cat/1.jpg and pets/dog/a/2.png are a "cat" and a "dog": each image's class is the first
+    sub-folder on its way from ``folder``, and the classes are those sub-folders' names in sorted
+    order (hidden ones skipped). Returns (class names, (N,) int64 class of each of ``paths``).
+    UserError for an image outside every class folder, a class with none of ``paths``, or fewer
+    than two classes.
+    """
+    names = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
+    if len(names) < 2:
+        raise UserError(f"--class_conditional needs at least two classes, one sub-folder of {folder!r} each "
+                        f"(such as {os.path.join(folder, 'cat')} and {os.path.join(folder, 'dog')}); "
+                        f"found {len(names)}")
+    index = {name: i for i, name in enumerate(names)}
+    labels = []
+    for path in paths:
+        parts = os.path.relpath(path, folder).split(os.sep)
+        if len(parts) == 1:
+            raise UserError(f"--class_conditional: {path!r} lies in no class folder (move it into one of "
+                            f"{', '.join(names)}, or leave it out of {folder!r})")
+        labels.append(index[parts[0]])
+    labels = torch.tensor(labels, dtype=torch.long)
+    empty = missing_class(names, labels)
+    if empty is not None:
+        among = " among the first --num_images" if len(paths) < len(list_images(folder)) else ""
+        raise UserError(f"--class_conditional: class {empty!r} ({os.path.join(folder, empty)}) has no images to "
+                        f"learn{among} (add some, or remove the folder)")
+    return names, labels
+
+
+def missing_class(classes, labels):
+    """The first of ``classes`` that no entry of ``labels`` (class indices) names, or None: a model cannot learn it."""
+    counts = torch.bincount(labels, minlength=len(classes)).tolist()
+    return next((name for name, count in zip(classes, counts) if count == 0), None)
+
+
 class TrainingData:
     """What a model learns, one image or a folder's files, and how its checkpoint records them.
 
@@ -143,14 +196,20 @@ class TrainingData:
     folder its files (relative to the folder) and one digest of them all (dataset_digest).
     ``identity`` is that digest: two runs saw the same data exactly when their identities agree.
     ``names`` are the files as the checkpoint names them; ``dataset()`` decodes them.
+    With ``class_conditional`` the folder's sub-folders are classes (folder_classes): ``classes``
+    names them, in the record too, and ``labels`` gives each image's; otherwise both are None.
     """
 
-    def __init__(self, paths, img_size, image_dir=None):
+    def __init__(self, paths, img_size, image_dir=None, class_conditional=False):
         self.paths, self.img_size, self.image_dir = list(paths), img_size, image_dir
+        self.classes = self.labels = None
         if image_dir is not None:
             self.image_dir_absolute = os.path.abspath(image_dir)  # where it was, whatever the folder is later
             self.names = [os.path.relpath(path, image_dir) for path in self.paths]
             self.name = f"{len(self.paths)} images of {image_dir}"
+            if class_conditional:
+                self.classes, self.labels = folder_classes(image_dir, self.paths)
+                self.name += f" in {len(self.classes)} classes"
         else:
             self.names = list(self.paths)
             self.name = self.paths[0]
@@ -168,7 +227,8 @@ class TrainingData:
         if self.image_dir is not None:
             return {"img_size": self.img_size, "image_dir": self.image_dir,
                     "image_dir_absolute": self.image_dir_absolute, "num_images": len(self.paths),
-                    "files": self.names, "dataset_sha256": self.identity}
+                    "files": self.names, "dataset_sha256": self.identity,
+                    **({"classes": self.classes} if self.classes else {})}
         return {"img_size": self.img_size, "image_path": self.paths[0], "image_sha256": self.identity}
 
     def dataset(self, warn=None):
@@ -180,12 +240,13 @@ class DigitsData:
     """The first ``num_images`` shipped digits of one training half (``split``: "S1" or "S2"), as TrainingData has them.
 
     The checkpoint records the part, the count and one SHA-256 over the sheet and the labels, so a
-    model of digits is found again (and checked unchanged) wherever the repository lies.
+    model of digits is found again (and checked unchanged) wherever the repository lies. With
+    ``class_conditional`` the classes are the digits "0" ... "9" and ``labels`` the shipped labels.
     """
 
     image_dir = None
 
-    def __init__(self, split, num_images=None):
+    def __init__(self, split, num_images=None, class_conditional=False):
         if split not in TRAINING_HALVES:
             raise UserError(f"the digits to train on are one of {', '.join(TRAINING_HALVES)}, not {split!r}")
         size = len(DIGIT_SPLITS[split])
@@ -195,6 +256,15 @@ class DigitsData:
         self.paths = [DIGITS_SHEET, DIGITS_LABELS]  # the files a run reads, which no output may replace
         self.names = [f"{split} #{i}" for i in range(self.num_images)]  # a digit's place in its part
         self.name = f"the first {self.num_images} digits of {split} ({os.path.relpath(DIGITS_SHEET)})"
+        self.classes = self.labels = None
+        if class_conditional:
+            self.classes = [str(digit) for digit in range(10)]
+            self.labels = digits(split)[1][: self.num_images]
+            empty = missing_class(self.classes, self.labels)
+            if empty is not None:
+                raise UserError(f"--class_conditional: the first {self.num_images} digits of {split} hold no {empty} "
+                                "to learn (take more with --num_images)")
+            self.name += ", with their labels"
 
     @cached_property
     def identity(self):
@@ -206,7 +276,7 @@ class DigitsData:
     @property
     def record(self):
         return {"img_size": self.img_size, "digits": self.split, "num_images": self.num_images,
-                "digits_sha256": self.identity}
+                "digits_sha256": self.identity, **({"classes": self.classes} if self.classes else {})}
 
     def dataset(self, warn=None):
         """The digits as a Dataset of (3, 28, 28) tensors in [-1, 1]."""

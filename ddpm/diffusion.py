@@ -83,17 +83,18 @@ def seeded_noise(x0, seed):
     return torch.randn(x0.shape, generator=noise_stream(seed))
 
 
-def training_losses(model, x0, schedule, generator=None):
+def training_losses(model, x0, schedule, generator=None, y=None):
     """One Monte-Carlo sample of the training objective E_{t, eps} ||unet(x_t, t) - x0||^2, per image.
 
     x0: (B, C, H, W) clean images. Draws a timestep and fresh Gaussian noise
     per image (with ``generator`` if given), noises, predicts, and returns the
     mean squared error of each image, (B,), and the timesteps drawn, (B,).
+    y: (B,) the classes to show a conditional network, ||unet(x_t, t, y) - x0||^2 (None: no classes).
     """
     t = schedule.sample_timesteps(x0.shape[0], generator=generator, device=x0.device)  # (B,)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = schedule.add_noise(x0, t, eps)
-    x0_hat = model(x_t, t)
+    x0_hat = model(x_t, t) if y is None else model(x_t, t, y)
     return ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3)), t
 
 

@@ -43,9 +43,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .data import ImageTensors, batch_stream, per_process_batch
+from .data import ImageTensors, LabelledImages, batch_stream, per_process_batch
 from .diffusion import training_losses
 from .distributed import rank_and_world_size
+from .guidance import drop_labels
 
 WARMUP_STEPS = 100
 GRAD_CLIP_NORM = 1.0
@@ -128,13 +129,20 @@ class Trainer:
     (N, C, H, W): one image is N = 1. ``batch_size`` counts the images of a
     step across all processes; ``data_seed`` orders the images (data.batch_stream),
     ``generator`` draws t and eps.
+
+    A conditional network (built with num_classes) is given ``labels``, (N,) the class of each
+    image, and shown each with no class at the rate ``label_dropout`` (guidance.drop_labels,
+    drawn from ``generator`` too).
     """
 
     def __init__(self, model, data, schedule, train_steps, lr, batch_size=1, generator=None, ema_decay=0.0,
-                 data_seed=0):
+                 data_seed=0, labels=None, label_dropout=0.0):
         self.model, self.schedule, self.train_steps = model, schedule, train_steps
         self.device = next(model.parameters()).device
         self.dataset = ImageTensors(data) if torch.is_tensor(data) else data
+        if (labels is None) != (getattr(model, "null_class", None) is None):
+            raise ValueError("a conditional network trains with labels, and only a conditional one")
+        self.labels, self.label_dropout = labels, label_dropout
         self.rank, self.world_size = rank_and_world_size()
         self.batch_size = per_process_batch(batch_size, self.world_size)  # this process's share
         self.data_seed, self.batches = data_seed, None  # the batches start where the run is, in run()
@@ -162,16 +170,24 @@ class Trainer:
         return self.ema.model if self.ema is not None else self.model
 
     def next_batch(self):
-        """The next (B, C, H, W) batch of clean images x0, on the model's device."""
+        """The next batch of clean images x0, (B, C, H, W), and their classes (B,) or None, on the model's device."""
         if self.batches is None:
             stream = batch_stream(len(self.dataset), self.batch_size, self.data_seed, self.rank, self.world_size,
                                   start_step=self.step)
-            self.batches = iter(DataLoader(self.dataset, batch_sampler=stream))
-        return next(self.batches).to(self.device)
+            dataset = self.dataset if self.labels is None else LabelledImages(self.dataset, self.labels)
+            self.batches = iter(DataLoader(dataset, batch_sampler=stream))
+        if self.labels is None:
+            return next(self.batches).to(self.device), None
+        x0, labels = next(self.batches)
+        return x0.to(self.device), labels.to(self.device)
 
     def train_step(self):
-        """One Adam step on a fresh (t, eps) draw (DDPM Algorithm 1, x0 as the target)."""
-        image_losses, t = training_losses(self.network, self.next_batch(), self.schedule, generator=self.generator)
+        """One Adam step on a fresh (t, eps) draw (DDPM Algorithm 1, x0 as the target), and for a conditional
+        network a fresh draw of which classes to hide (Ho and Salimans, Algorithm 1)."""
+        x0, labels = self.next_batch()
+        if labels is not None:
+            labels = drop_labels(labels, self.model.null_class, self.label_dropout, generator=self.generator)
+        image_losses, t = training_losses(self.network, x0, self.schedule, generator=self.generator, y=labels)
         loss = image_losses.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # under DDP, also averages the gradients of all processes

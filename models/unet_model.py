@@ -1,4 +1,4 @@
-"""The network: a time-embedded residual U-Net, x0_hat = UNet(x_t, t).
+"""The network: a time-embedded residual U-Net, x0_hat = UNet(x_t, t), or UNet(x_t, t, y) with a class y.
 
 It owns nothing of the noise process. It is given a noisy image ``x_t`` and the
 integer timestep ``t`` and returns an image of the same shape; how ``x_t`` was
@@ -10,6 +10,7 @@ scaled down for one image on a laptop: one ResBlock per level instead of two,
 no dropout, and by default no self-attention:
 
     timestep t --sinusoidal embedding--> MLP --> temb (injected into every ResBlock)
+    class y    --embedding table-------> + temb      (num_classes set: a conditional model)
 
     x_t -> conv_in -> [ResBlock -> Down] * (levels - 1) -> ResBlock      encoder
                    -> ResBlock -> ResBlock                               middle
@@ -33,6 +34,13 @@ default and recorded in ``config``, give it context:
     canvas_size=S    a learned S x S image B added to the output,
                      x0_hat = unet(x_t, t) + B: a stored picture at full
                      resolution, for a network trained on one image size
+
+Classes. With ``num_classes=K`` the network also takes a class y in {0, ..., K}:
+a learned vector per class is added to the time embedding, so every ResBlock
+hears what to draw as it hears how noisy the input is. The extra index K is
+the "no class" of classifier-free guidance (Ho and Salimans 2022), a learned
+vector too; ``y=None`` means K for the whole batch. ddpm/guidance.py trains and
+samples with it.
 """
 
 import math
@@ -140,15 +148,16 @@ class UNet(nn.Module):
     base_channels: width of the first level
     channel_mults: width of each level as a multiple of base_channels; its
                    length is the number of levels
-    attention, coords, canvas_size: global context (module docstring); the
-                   defaults build the plain U-Net, as in checkpoints that
-                   predate these options
+    attention, coords, canvas_size: global context (module docstring)
+    num_classes:   K classes to draw on demand, plus the null class K
+                   (module docstring); None: an unconditional network
+    The defaults build the plain U-Net, as in checkpoints that predate these options.
     """
 
     def __init__(self, in_channels=3, base_channels=16, channel_mults=(1, 2, 4, 8), attention=False,
-                 coords=False, canvas_size=None):
+                 coords=False, canvas_size=None, num_classes=None):
         super().__init__()
-        check_config(in_channels, base_channels, channel_mults, canvas_size)
+        check_config(in_channels, base_channels, channel_mults, canvas_size, num_classes)
         self.config = {
             "in_channels": in_channels,
             "base_channels": base_channels,
@@ -156,6 +165,7 @@ class UNet(nn.Module):
             "attention": bool(attention),
             "coords": bool(coords),
             "canvas_size": canvas_size,
+            "num_classes": num_classes,
         }
         widths = [base_channels * m for m in channel_mults]
         temb_dim = 4 * base_channels
@@ -163,6 +173,11 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(
             nn.Linear(base_channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim)
         )
+        # one learned vector per class and one for "no class" (index num_classes), starting at zero: the
+        # untrained network draws every class alike, and training pulls each vector where its class needs it
+        self.class_embedding = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
+        if self.class_embedding is not None:
+            nn.init.zeros_(self.class_embedding.weight)
         self.conv_in = nn.Conv2d(in_channels + (2 if coords else 0), base_channels, 3, padding=1)
 
         self.encoder = nn.ModuleList()
@@ -190,8 +205,16 @@ class UNet(nn.Module):
         # the canvas B starts blank: training paints into it what every output shares
         self.canvas = nn.Parameter(torch.zeros(1, in_channels, canvas_size, canvas_size)) if canvas_size else None
 
-    def forward(self, x_t, t):
-        """x_t: (B, C, H, W) noisy image, t: (B,) timesteps -> x0_hat: (B, C, H, W)."""
+    @property
+    def null_class(self):
+        """The index of "no class": K for a network of K classes (None if it has none)."""
+        return self.config["num_classes"]
+
+    def forward(self, x_t, t, y=None):
+        """x_t: (B, C, H, W) noisy image, t: (B,) timesteps, y: (B,) classes or None -> x0_hat: (B, C, H, W).
+
+        y is only for a network built with num_classes; there, None asks for no class (the null class).
+        """
         B, C, H, W = x_t.shape
         levels = len(self.encoder)
         if not (side_fits(H, levels) and side_fits(W, levels)):
@@ -204,6 +227,12 @@ class UNet(nn.Module):
             side = self.canvas.shape[-1]
             raise ValueError(f"image size {H}x{W} does not fit this U-Net's {side}x{side} canvas")
         temb = self.time_mlp(timestep_embedding(t, self.config["base_channels"]))  # (B, temb_dim)
+        if self.class_embedding is not None:
+            if y is None:
+                y = torch.full((B,), self.null_class, dtype=torch.long, device=x_t.device)
+            temb = temb + self.class_embedding(y)  # what to draw, beside how noisy x_t is
+        elif y is not None:
+            raise ValueError("this U-Net has no classes (built without num_classes): it cannot take y")
 
         if self.config["coords"]:
             x_t = torch.cat([x_t, coordinate_channels(x_t)], dim=1)  # (B, C + 2, H, W)
@@ -231,8 +260,10 @@ class UNet(nn.Module):
         return x0_hat
 
 
-def check_config(in_channels, base_channels, channel_mults, canvas_size=None):
+def check_config(in_channels, base_channels, channel_mults, canvas_size=None, num_classes=None):
     """Raise ValueError, in words a user can act on, for a network that cannot be built."""
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+        raise ValueError(f"num_classes must be an integer of at least 2, got {num_classes!r}")
     if canvas_size is not None and (not isinstance(canvas_size, int) or canvas_size < 1):
         raise ValueError(f"canvas_size must be a positive integer (the image side), got {canvas_size!r}")
     if in_channels < 1:

@@ -364,7 +364,7 @@ def test_global_context_flags_build_the_network_and_inference_rebuilds_it(tmp_pa
     assert trained.returncode == 0, trained.stderr
     checkpoint = torch.load(ckpt, weights_only=True)
     assert checkpoint["model_config"] == {"in_channels": 3, "base_channels": 8, "channel_mults": [1, 2],
-                                          "attention": True, "coords": True, "canvas_size": 16}
+                                          "attention": True, "coords": True, "canvas_size": 16, "num_classes": None}
     assert {"attention": True, "coords": True, "canvas": True}.items() <= checkpoint["train"]["args"].items()
     inferred = run_script(INFER, "--model_path", ckpt, "--result_path", tmp_path / "r.png", cwd=tmp_path)
     assert inferred.returncode == 0, inferred.stderr

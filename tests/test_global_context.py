@@ -100,7 +100,7 @@ def test_options_are_recorded_and_rebuild_the_model(tmp_path):
     save_checkpoint(path, model, NoiseSchedule(max_noise=1.0), data={"img_size": 16}, train_info={})
     loaded, _, checkpoint = load_checkpoint(path)
     assert checkpoint["model_config"] == {"in_channels": 3, "base_channels": 8, "channel_mults": [1, 2],
-                                          "attention": True, "coords": True, "canvas_size": 16}
+                                          "attention": True, "coords": True, "canvas_size": 16, "num_classes": None}
     x_t, t = torch.randn(1, 3, 16, 16), torch.tensor([10])
     assert torch.equal(loaded(x_t, t), model(x_t, t))
 
@@ -115,6 +115,7 @@ def test_a_checkpoint_from_before_the_options_loads_as_the_plain_network(tmp_pat
     torch.save(checkpoint, path)
     loaded, _, _ = load_checkpoint(path)
     assert loaded.config["attention"] is False and loaded.config["canvas_size"] is None
+    assert loaded.config["num_classes"] is None and loaded.null_class is None
     x_t, t = torch.randn(1, 3, 16, 16), torch.tensor([10])
     assert torch.equal(loaded(x_t, t), model(x_t, t))
 

@@ -35,7 +35,8 @@ def test_config_is_what_rebuilds_the_model():
     model = UNet(3, 16, (1, 2, 4))
     clone = UNet(**model.config)
     assert model.config == {"in_channels": 3, "base_channels": 16, "channel_mults": [1, 2, 4],
-                            "attention": False, "coords": False, "canvas_size": None}
+                            "attention": False, "coords": False, "canvas_size": None,
+                            "num_classes": None}
     assert clone.load_state_dict(model.state_dict()).missing_keys == []
 
 

@@ -4,6 +4,7 @@
     python ddpm_sample.py --model_path model_ckpt/my_photos_unet.pth --num_samples 16 --steps 50
     python ddpm_sample.py --model_path model_ckpt/my_photos_unet.pth --eta 1 --seed 3
     python ddpm_sample.py --model_path model_ckpt/digits_unet.pth --num_samples 1000   # judged digits
+    python ddpm_sample.py --model_path model_ckpt/digits_cond_unet.pth --label 7 --guidance 2   # sevens
 
 Each sample starts as pure noise x_T = eps (w = 1) and is denoised in --steps
 steps (ddpm/diffusion.py, generate). The script writes, into --output_dir,
@@ -17,6 +18,13 @@ The last two need the training images, which the checkpoint names (with their
 SHA-256): where they are not at hand, or have changed, they are skipped.
 --summary_only leaves out the one PNG per sample.
 
+A model trained with --class_conditional draws the class --label names (a
+name, or an index into the classes the checkpoint records), or every class
+equally often without it, one column per class in grid.png. --guidance S mixes
+its predictions with and without the class (ddpm/guidance.py):
+x0_guided = x0_uncond + S * (x0_cond - x0_uncond); S = 0 ignores the class,
+S = 1 is the plain conditional model, larger S follows the class more closely.
+
 A model of the shipped digits (ddpm_train.py --digits) is also judged
 (ddpm/quality.py): the FLD, precision and recall of its samples against the
 1,000 held-out digits, beside the same numbers for as many real digits it
@@ -29,19 +37,22 @@ second-nearest training image; a sample with d1/d2 < 1/3 counts as memorised
 
 import os
 
+import torch
+
 from ddpm.checkpoint import load_checkpoint
-from ddpm.cli import (MAX_SEED, ArgumentParser, add_device_argument, int_in_range, keep_freed_memory, pick_device,
-                      run, warn, zero_to_one)
+from ddpm.cli import (MAX_SEED, ArgumentParser, add_device_argument, guidance_scale, int_in_range, keep_freed_memory,
+                      pick_device, run, warn, zero_to_one)
 from ddpm.data import (DIGIT_SPLITS, DIGITS_LABELS, DIGITS_SHEET, TRAINING_HALVES, digits,
                        recorded_training_data)
 from ddpm.diffusion import NUM_TIMESTEPS, generate
 from ddpm.errors import UserError
 from ddpm.figures import save_image_grid, save_nearest_pairs
 from ddpm.files import check_writable, write_json
+from ddpm.guidance import DEFAULT_GUIDANCE, Guided, balanced_labels
 from ddpm.imaging import save_image
 from ddpm.machine import describe
 from ddpm.metrics import MEMORIZED_RATIO, nearest_training_images
-from ddpm.quality import JUDGE_NAME, JUDGE_PATH, K_NEAREST, digit_quality, load_judge
+from ddpm.quality import JUDGE_NAME, JUDGE_PATH, K_NEAREST, class_accuracy, digit_quality, load_judge
 
 MAX_PAIRS_SHOWN = 16  # nearest.png shows the first 16 samples
 MAX_GRID = 128  # grid.png shows at most the first 128, 16 to a row
@@ -63,6 +74,13 @@ def parse_args(argv=None):
                         help="folder for the samples and figures (default: samples/<checkpoint name>)")
     parser.add_argument("--summary_only", action="store_true",
                         help="write grid.png, nearest.png and samples.json, but not one PNG per sample")
+    classes = parser.add_argument_group("classes", "for a model trained with --class_conditional")
+    classes.add_argument("--label", default=None,
+                         help="the class to draw: its name or its index (default: every class equally often)")
+    classes.add_argument("--guidance", type=guidance_scale, default=None,
+                         help="classifier-free guidance scale S: x0_uncond + S * (x0_cond - x0_uncond); 0 ignores "
+                              f"the class, 1 is plain conditional, above 1 follows it more closely "
+                              f"(default: {DEFAULT_GUIDANCE:g})")
     add_device_argument(parser)
     return parser.parse_args(argv)
 
@@ -81,11 +99,40 @@ def training_images(trained_on):
         return None
 
 
-def judge_digits(classifier, samples, trained_on, training, d1):
+def requested_labels(args, model, classes):
+    """The class of every sample (None for an unconditional model), from --label or every class in turn.
+
+    --label and --guidance are refused, in one line, for a model without classes and for a class it does not know.
+    """
+    if model.null_class is None:
+        if args.label is not None or args.guidance is not None:
+            flag = "--label" if args.label is not None else "--guidance"
+            raise UserError(f"{flag}: {args.model_path!r} learned no classes (it was trained without "
+                            "--class_conditional), so it cannot be asked for one")
+        return None
+    if args.label is None:
+        return balanced_labels(args.num_samples, len(classes))
+    if args.label in classes:
+        index = classes.index(args.label)
+    elif args.label.isdigit() and int(args.label) < len(classes):
+        index = int(args.label)
+    else:
+        raise UserError(f"--label {args.label!r} is not a class of {args.model_path!r}: it knows "
+                        f"{', '.join(classes)} (a name, or an index 0 to {len(classes) - 1})")
+    return torch.full((args.num_samples,), index, dtype=torch.long)
+
+
+def judge_digits(classifier, samples, trained_on, training, d1, asked=None):
     """The quality of digit samples (ddpm/quality.py) in the eyes of ``classifier``, printed and returned
     for samples.json. ``trained_on`` names the training half ("S1" or "S2"); ``training`` holds the digits the model
-    saw; ``d1`` is each sample's distance to its nearest one.
+    saw; ``d1`` is each sample's distance to its nearest one. ``asked``: the digit each sample was asked for, if any.
+    Samples all asked for one digit are only read for it: set beside every held-out digit, they would score as
+    poor digits in general.
     """
+    if asked is not None and len(asked.unique()) == 1:
+        accuracy = class_accuracy(classifier, samples, asked)
+        print(f"the judge reads {100 * accuracy:.1f}% of the samples as the {int(asked[0])} they were asked for")
+        return {"judge": JUDGE_NAME, "accuracy": round(accuracy, 4)}
     if len(samples) <= K_NEAREST:
         warn(f"no quality numbers for {len(samples)} samples: precision and recall need at least {K_NEAREST + 1}")
         return None
@@ -95,7 +142,8 @@ def judge_digits(classifier, samples, trained_on, training, d1):
         warn(f"the quality numbers use the first {count} samples: there are {count} unseen real digits to set "
              "beside them")
     held_out = digits("held_out")[0]
-    quality = digit_quality(classifier, samples[:count], held_out, digits(other_half)[0][:count])
+    quality = digit_quality(classifier, samples[:count], held_out, digits(other_half)[0][:count],
+                            asked=None if asked is None else asked[:count])
     held_out_d1 = nearest_training_images(held_out, training)[1]
     quality.update({"judge": JUDGE_NAME, "samples_judged": count,
                     "reference": f"the {len(held_out)} held-out digits",
@@ -108,7 +156,19 @@ def judge_digits(classifier, samples, trained_on, training, d1):
           f"recall {quality['recall']:.3f} ({quality['real_recall']:.3f})")
     print(f"median distance to the nearest training digit: samples {quality['median_d1']:.3f}, held-out digits "
           f"{quality['held_out_median_d1']:.3f}; the judge reads the samples as 0-9: {quality['class_counts']}")
+    if "accuracy" in quality:
+        print(f"the judge reads {100 * quality['accuracy']:.1f}% of the samples as the digit they were asked for")
     return quality
+
+
+def save_grid(samples, labels, classes, label, path):
+    """grid.png: the first MAX_GRID samples, 16 to a row; every class in turn gets a column per class."""
+    if labels is not None and label is None and len(classes) <= 16:
+        columns = len(classes)
+        shown = samples[: max(MAX_GRID // columns, 1) * columns]
+    else:
+        columns, shown = (8 if len(samples) <= 64 else 16), samples[:MAX_GRID]
+    save_image_grid(shown, path, columns=columns)
 
 
 def main():
@@ -131,23 +191,31 @@ def main():
     for name in names:
         check_writable(os.path.join(output_dir, name), "--output_dir",
                        inputs=[args.model_path, JUDGE_PATH, DIGITS_SHEET, DIGITS_LABELS])
+    classes = checkpoint["data"].get("classes")
+    labels = requested_labels(args, model, classes)
     classifier = load_judge() if "digits" in checkpoint["data"] else None  # read now: a missing one costs nothing
 
-    samples = generate(model, schedule, (args.num_samples, 3, size, size), args.steps, args.eta, args.seed,
+    guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+    sampler = model if labels is None else Guided(model, labels, guidance)  # called as model(x_t, t)
+    samples = generate(sampler, schedule, (args.num_samples, 3, size, size), args.steps, args.eta, args.seed,
                        device).cpu()
     if not args.summary_only:
         for i, sample in enumerate(samples):
             save_image(sample, os.path.join(output_dir, names[i]))
-    save_image_grid(samples[:MAX_GRID], os.path.join(output_dir, "grid.png"),
-                    columns=8 if len(samples) <= 64 else 16)
-    print(f"{args.num_samples} samples of {size}x{size} px from pure noise in {args.steps} steps"
-          + (f" (eta={args.eta:g})" if args.eta else "") + f", seed {args.seed}, on {device}")
+    save_grid(samples, labels, classes, args.label, os.path.join(output_dir, "grid.png"))
+    drawn = "" if labels is None else (f" of class {classes[int(labels[0])]!r}" if args.label is not None else
+                                       f", every class in turn ({len(classes)} classes)")
+    print(f"{args.num_samples} samples{drawn} of {size}x{size} px from pure noise in {args.steps} steps"
+          + (f" (eta={args.eta:g})" if args.eta else "") + (f", guidance S = {guidance:g}" if labels is not None else "")
+          + f", seed {args.seed}, on {device}")
     print(f"saved {output_dir}/" + ("grid.png" if args.summary_only else
                                      f"sample_000.png ... {names[args.num_samples - 1]} and grid.png"))
 
     summary = {"model_path": args.model_path, "num_samples": args.num_samples, "steps": args.steps,
                "eta": args.eta, "seed": args.seed, "img_size": size, "device": str(device), "machine": describe(),
-               "samples": [{"file": None if args.summary_only else f"sample_{i:03d}.png"}
+               **({} if labels is None else {"classes": classes, "label": args.label, "guidance": guidance}),
+               "samples": [{"file": None if args.summary_only else f"sample_{i:03d}.png",
+                            **({} if labels is None else {"class": classes[int(labels[i])]})}
                            for i in range(args.num_samples)]}
     training = training_images(checkpoint["data"])
     if training is not None:
@@ -171,7 +239,8 @@ def main():
         print(f"memorised: {int(memorized.sum())} of {args.num_samples} ({100 * fraction:.0f}%) lie 3x closer to their "
               f"{rule} (d1/d2 < 1/3; median d1/d2 {ratio.median():.2f}); saved nearest.png")
         if classifier is not None:
-            quality = judge_digits(classifier, samples, checkpoint["data"]["digits"], dataset, d1)
+            quality = judge_digits(classifier, samples, checkpoint["data"]["digits"], dataset, d1,
+                                   asked=None if labels is None else labels)
             if quality is not None:
                 summary["quality"] = quality
     write_json(os.path.join(output_dir, "samples.json"), summary)

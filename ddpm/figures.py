@@ -11,6 +11,8 @@
     save_nearest_pairs  samples beside their nearest training images
     save_generalization_grid    two models' samples from the same noise, beside their nearest training digits
     save_generalization_curves  the generalisation experiment against N
+    save_guidance_grid          a conditional model's samples, a row per class, a column per guidance scale
+    save_guidance_curves        fidelity against diversity: accuracy, FLD, precision and recall against S
 
 Nothing here computes a metric or runs the model. Matplotlib is used through
 its object API (Figure + the Agg canvas), so no window or global state is
@@ -323,4 +325,67 @@ def save_generalization_curves(rows, path):
            ylabel="FLD against held-out digits", title="how far from real digits (lower is better)")
     ax.legend(fontsize=9)
     ax.grid(alpha=0.3, which="both")
+    _save(fig, path)
+
+
+def save_guidance_grid(classes, scales, cells, path):
+    """Classifier-free guidance at a glance: a row per class, a block of samples per guidance scale S.
+
+    cells[c][j]: (k, 3, H, W) samples asked for class c at scale scales[j], in [-1, 1]; the same k starting
+    noises in every block of a row, so a row shows what S does to the same noises.
+    """
+    per_cell = len(cells[0][0])
+    header_in, row_in = 0.55, 0.42 * per_cell / 4 + 0.25
+    height = header_in + len(classes) * row_in
+    fig = _new_figure(1.0 + 1.9 * len(scales) * per_cell / 4, height)
+    fig.suptitle("asked for each class (rows) at guidance scale S (columns): "
+                 "x0_uncond + S * (x0_cond - x0_uncond)", fontsize=10, y=1 - 0.12 / height)
+    for row, name in enumerate(classes):
+        bottom = (height - header_in - (row + 1) * row_in) / height
+        ax = fig.add_axes((0.06, bottom, 0.93, 0.92 * row_in / height))
+        tiles = torch.cat([cells[row][j] for j in range(len(scales))]).float().cpu()
+        _show(ax, make_grid(tiles, nrow=len(tiles), padding=1, pad_value=1.0))
+        tile = tiles.shape[-1] + 1
+        for j in range(1, len(scales)):  # a wider gap between one scale's block and the next
+            ax.axvline(j * per_cell * tile, color="white", linewidth=5)
+        if row == 0:
+            for j, scale in enumerate(scales):
+                ax.text((j + 0.5) / len(scales), 1.08, f"S = {scale:g}", transform=ax.transAxes, ha="center",
+                        va="bottom", fontsize=10)
+        ax.text(-0.01, 0.5, name, transform=ax.transAxes, ha="right", va="center", fontsize=11)
+    _save(fig, path)
+
+
+def save_guidance_curves(rows, judge_accuracy, path):
+    """The guidance sweep against S: how often the judge reads the asked-for class (fidelity), and the FLD,
+    precision and recall against held-out digits (quality and diversity), each beside real digits.
+
+    rows: the sweep's records (a dict per S, as in images/guidance.json); judge_accuracy: the judge's own
+    accuracy on held-out real digits, the most a perfect generator could score.
+    """
+    fig = _new_figure(15, 4.2)
+    s = [row["guidance"] for row in rows]
+    ax = fig.add_axes((0.05, 0.14, 0.27, 0.74))
+    ax.plot(s, [100 * row["accuracy"] for row in rows], "o-", color="tab:blue", label="samples")
+    ax.axhline(100 * judge_accuracy, linestyle=":", color="gray", label="real held-out digits")
+    ax.set(xlabel="guidance scale S", ylabel="judged as the asked-for digit (%)",
+           title="fidelity: does it draw what was asked?")
+    ax.legend(fontsize=9)
+    ax.grid(alpha=0.3)
+
+    ax = fig.add_axes((0.38, 0.14, 0.27, 0.74))
+    ax.plot(s, [row["fld"] for row in rows], "o-", color="tab:red", label="samples")
+    ax.plot(s, [row["real_fld"] for row in rows], ":", color="gray", label="real digits never trained on")
+    ax.set(yscale="log", xlabel="guidance scale S", ylabel="FLD against held-out digits",
+           title="how far from real digits (lower is better)")
+    ax.legend(fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+
+    ax = fig.add_axes((0.71, 0.14, 0.27, 0.74))
+    ax.plot(s, [row["precision"] for row in rows], "o-", color="tab:green", label="precision (each sample real-like)")
+    ax.plot(s, [row["recall"] for row in rows], "s--", color="tab:purple", label="recall (real variety covered)")
+    ax.plot(s, [row["real_recall"] for row in rows], ":", color="gray", label="recall of real digits")
+    ax.set(xlabel="guidance scale S", ylabel="share", ylim=(0, 1.02), title="quality against variety")
+    ax.legend(fontsize=9)
+    ax.grid(alpha=0.3)
     _save(fig, path)

@@ -71,6 +71,12 @@ def load_judge(path=JUDGE_PATH):
     return model.eval()
 
 
+def judge_held_out_accuracy(path=JUDGE_PATH):
+    """The judge's own accuracy on the held-out digits, from its training record: the most a generator can score."""
+    load_judge(path)  # the file checks, in plain words
+    return torch.load(path, map_location="cpu", weights_only=True)["train"]["held_out_accuracy"]
+
+
 @torch.no_grad()
 def judge(classifier, images, batch=1000):
     """The judge's view of (N, C, 28, 28) images in [-1, 1]: (features (N, 84) float64, predicted digits (N,))."""
@@ -125,12 +131,20 @@ def class_counts(predicted, num_classes=10):
     return torch.bincount(predicted.cpu(), minlength=num_classes).tolist()
 
 
-def digit_quality(classifier, samples, reference, real):
+def class_accuracy(classifier, samples, asked):
+    """The share of ``samples`` that the judge reads as the digit each was asked to be (``asked``, (N,) digits)."""
+    _, predicted = judge(classifier, samples)
+    return float((predicted == asked.cpu()).double().mean())
+
+
+def digit_quality(classifier, samples, reference, real, asked=None):
     """Judge ``samples`` against the ``reference`` digits, beside real digits judged the same way.
 
     ``real`` are real digits of the same number as the samples, which the model never saw: their
     FLD, precision and recall against ``reference`` are what a perfect generator would score at
-    this sample size. Returns a dict of plain numbers (rounded for the record).
+    this sample size. ``asked``, (N,) digits, are the classes the samples were asked to show: then
+    "accuracy" says how many the judge reads as asked. Returns a dict of plain numbers (rounded
+    for the record).
     """
     if len(real) != len(samples):
         raise ValueError(f"compare like with like: {len(samples)} samples but {len(real)} real digits")
@@ -143,4 +157,5 @@ def digit_quality(classifier, samples, reference, real):
             "precision": round(precision, 4), "recall": round(recall, 4),
             "real_fld": round(frechet_distance(real_features, ref_features), 3),
             "real_precision": round(real_precision, 4), "real_recall": round(real_recall, 4),
-            "class_counts": class_counts(fake_classes)}
+            "class_counts": class_counts(fake_classes),
+            **({"accuracy": round(float((fake_classes == asked.cpu()).double().mean()), 4)} if asked is not None else {})}

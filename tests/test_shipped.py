@@ -20,11 +20,13 @@ FIGURES = ["images/inference_result.png", "images/noise_sweep.png", "images/deno
            "images/unseen_image.png", "images/unseen_trajectory.png",
            "images/denoise_trajectory.gif", "images/inference_result_10_steps.png", "images/full_noise_result.png",
            "images/full_noise_trajectory.png", "images/full_noise_trajectory.gif", "images/generalization.png",
-           "images/generalization_grid.png", "images/digits_samples/grid.png"]
+           "images/generalization_grid.png", "images/digits_samples/grid.png", "images/guidance.png",
+           "images/guidance_grid.png"]
 OTHER_SHIPPED = ["images/first_prediction.png", "model_ckpt/digits_unet.pth", "model_ckpt/digits_unet.json",
                  "model_ckpt/digit_classifier.pth", "model_ckpt/digit_classifier.json", "data/mnist.png",
                  "data/mnist_labels.txt", "images/generalization.json", "images/digits_samples/samples.json",
-                 "images/digits_samples/nearest.png"]
+                 "images/digits_samples/nearest.png", "model_ckpt/digits_cond_unet.pth", "model_ckpt/digits_cond_unet.json",
+                 "images/guidance.json"]
 RUN_FILES = ["model_ckpt/demo_unet_loss.png", "model_ckpt/demo_unet_loss_by_noise.png", "model_ckpt/demo_unet.json",
              "model_ckpt/demo_unet_psnr.png",
              "model_ckpt/demo_unet_full_noise_loss.png", "model_ckpt/demo_unet_full_noise_loss_by_noise.png",
@@ -45,11 +47,17 @@ def test_shipped_files_exist_and_are_small(path):
     assert os.path.getsize(os.path.join(REPO, path)) < MAX_SHIPPED_BYTES
 
 
+SHOWN_IN_THE_REFERENCE = ["model_ckpt/demo_unet_psnr.png"]  # with how the shipped model was trained
+
+
 @pytest.mark.parametrize("path", FIGURES + [p for p in RUN_FILES if p.endswith(".png")])
 def test_figures_are_images_the_readme_shows(path):
     image = Image.open(os.path.join(REPO, path))
     assert image.format in ("PNG", "GIF")
-    assert path in readme("README.md") and path in readme("README.en.md")
+    if path in SHOWN_IN_THE_REFERENCE:
+        assert f"../{path}" in readme("docs/reference.md") and f"../{path}" in readme("docs/reference.zh.md")
+    else:
+        assert path in readme("README.md") and path in readme("README.en.md")
 
 
 @pytest.mark.parametrize("path", [DEMO, os.path.join(REPO, "images", "astronaut.png")])
@@ -59,15 +67,17 @@ def test_shipped_photos_are_256_px_rgb(path):
 
 
 DIGITS = os.path.join(REPO, "model_ckpt", "digits_unet.pth")
+COND_DIGITS = os.path.join(REPO, "model_ckpt", "digits_cond_unet.pth")
 DOCUMENTED_COMMANDS = {
     CHECKPOINT: "python ddpm_train.py",
     DIGITS: "python ddpm_train.py --digits S1",
+    COND_DIGITS: "python ddpm_train.py --digits S1 --class_conditional",
     FULL_NOISE: "python ddpm_train.py --max_noise 1.0 --batch_size 4 --train_steps 1000 --canvas "
                 "--model_save_path model_ckpt/demo_unet_full_noise.pth",
 }
 
 
-@pytest.mark.parametrize("path", [CHECKPOINT, FULL_NOISE, DIGITS])
+@pytest.mark.parametrize("path", [CHECKPOINT, FULL_NOISE, DIGITS, COND_DIGITS])
 def test_shipped_run_records_name_the_documented_command_and_the_shipped_path(path):
     record = json.load(open(path[: -len(".pth")] + ".json"))
     assert record["command"] == DOCUMENTED_COMMANDS[path]
@@ -189,19 +199,20 @@ def test_ablation_of_global_context_is_shown_as_measured():
         assert "../images/first_prediction.png" in readme(name), name
 
 
-def test_readmes_quote_the_training_run_as_its_record_has_it():
-    """Time, loss and the PSNR milestones of the default run, as model_ckpt/demo_unet.json recorded them."""
+def test_the_reference_quotes_the_training_run_as_its_record_has_it():
+    """Time, loss and the PSNR milestones of the default run, as model_ckpt/demo_unet.json recorded them
+    (docs/reference.md tells how the shipped model was trained; the READMEs point there)."""
     record = json.load(open(CHECKPOINT[: -len(".pth")] + ".json"))
     milestones = [(m["psnr_db"], m["step"], round(m["seconds"])) for m in record["psnr_milestones"]]
     assert [m[0] for m in milestones] == [30.0, 35.0, 38.0]
     final = record["quality"]["psnr_db"][-1]
-    english = " ".join(readme("README.en.md").split())
+    english = " ".join(readme("docs/reference.md").split())
     assert f"took {round(record['wall_time_s'])} s" in english
     assert f"a loss of {record['final_loss']:.6f}" in english
     for db, step, sec in milestones:
         assert f"{db:g} dB at step {step} ({sec} s)" in english.replace("**", "")
     assert f"ended at {final:.2f} dB" in english
-    chinese = "".join(readme("README.md").split())
+    chinese = "".join(readme("docs/reference.zh.md").split())
     assert f"用时{round(record['wall_time_s'])}秒" in chinese and f"最终损失{record['final_loss']:.6f}" in chinese
     for db, step, sec in milestones:
         assert f"在第{step}步（{sec}秒）" in chinese.replace("**", "") and f"{db:g}dB" in chinese

@@ -16,7 +16,7 @@ from ddpm.data import ImageFiles, TrainingData, check_same_data, recorded_traini
 from ddpm.errors import UserError
 from ddpm.files import write_json
 from ddpm.imaging import load_image, open_image
-from ddpm.machine import cpu_name
+from ddpm.machine import SPEED_FLAGS, cpu_name, cpu_speed_flags, describe
 
 SCRIPTS = ("ddpm_train", "ddpm_infer", "ddpm_sample")
 
@@ -157,6 +157,17 @@ def test_the_safe_open_names_an_unreadable_file(tmp_path):
 
 def test_the_machine_has_a_name():
     assert isinstance(cpu_name(), str) and cpu_name().strip()
+
+
+def test_the_machine_names_the_speed_flags_its_cpu_has(monkeypatch, tmp_path):
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(fake if path == "/proc/cpuinfo" else path,
+                                                                          *a, **k))
+    assert cpu_name() == "Some CPU" and cpu_speed_flags() == ["avx2", "avx512f", "avx512_bf16"]
+    assert set(describe()) == {"cpu", "cpu_flags", "cores", "threads", "torch"}
+    assert set(describe()["cpu_flags"]) <= set(SPEED_FLAGS)
 
 
 def test_the_tuning_benchmark_knows_which_scripts_keep_freed_memory():

@@ -42,8 +42,7 @@ import torch
 from ddpm.checkpoint import load_checkpoint
 from ddpm.cli import (MAX_SEED, ArgumentParser, add_device_argument, guidance_scale, int_in_range, keep_freed_memory,
                       pick_device, run, warn, zero_to_one)
-from ddpm.data import (DIGIT_SPLITS, DIGITS_LABELS, DIGITS_SHEET, TRAINING_HALVES, digits,
-                       recorded_training_data)
+from ddpm.data import DIGIT_SPLITS, DIGITS_LABELS, DIGITS_SHEET, digits, other_half, recorded_training_data
 from ddpm.diffusion import NUM_TIMESTEPS, generate
 from ddpm.errors import UserError
 from ddpm.figures import save_image_grid, save_nearest_pairs
@@ -136,18 +135,18 @@ def judge_digits(classifier, samples, trained_on, training, d1, asked=None):
     if len(samples) <= K_NEAREST:
         warn(f"no quality numbers for {len(samples)} samples: precision and recall need at least {K_NEAREST + 1}")
         return None
-    other_half = next(half for half in TRAINING_HALVES if half != trained_on)  # real digits the model never saw
-    count = min(len(samples), len(DIGIT_SPLITS[other_half]))
+    unseen = other_half(trained_on)  # real digits the model never saw
+    count = min(len(samples), len(DIGIT_SPLITS[unseen]))
     if count < len(samples):
         warn(f"the quality numbers use the first {count} samples: there are {count} unseen real digits to set "
              "beside them")
     held_out = digits("held_out")[0]
-    quality = digit_quality(classifier, samples[:count], held_out, digits(other_half)[0][:count],
+    quality = digit_quality(classifier, samples[:count], held_out, digits(unseen)[0][:count],
                             asked=None if asked is None else asked[:count])
     held_out_d1 = nearest_training_images(held_out, training)[1]
     quality.update({"judge": JUDGE_NAME, "samples_judged": count,
                     "reference": f"the {len(held_out)} held-out digits",
-                    "real": f"the first {count} digits of {other_half}",
+                    "real": f"the first {count} digits of {unseen}",
                     "median_d1": round(float(d1.median()), 4),
                     "held_out_median_d1": round(float(held_out_d1.median()), 4)})
     print(f"quality of {count} samples against the {len(held_out)} held-out digits, in the judge's features "
@@ -240,7 +239,7 @@ def main():
               f"{rule} (d1/d2 < 1/3; median d1/d2 {ratio.median():.2f}); saved nearest.png")
         if classifier is not None:
             quality = judge_digits(classifier, samples, checkpoint["data"]["digits"], dataset, d1,
-                                   asked=None if labels is None else labels)
+                                   asked=labels)
             if quality is not None:
                 summary["quality"] = quality
     write_json(os.path.join(output_dir, "samples.json"), summary)

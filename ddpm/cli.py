@@ -93,15 +93,15 @@ def zero_to_one(text):
     return value
 
 
+MAX_GUIDANCE = 100.0  # far past any useful S: beyond it every x0_guided is clamped to black and white
+
+
 def guidance_scale(text):
     """argparse type: a guidance scale S from 0 to MAX_GUIDANCE (0 unconditional, 1 plain conditional)."""
     value = _parse(float, text, "a number")
     if not 0 <= value <= MAX_GUIDANCE:  # also false for nan
         raise argparse.ArgumentTypeError(f"must be a number from 0 to {MAX_GUIDANCE:g}, got {text!r}")
     return value
-
-
-MAX_GUIDANCE = 100.0  # far past any useful S: beyond it every x0_guided is clamped to black and white
 
 
 def below_one(text):

@@ -42,6 +42,11 @@ DIGIT_SPLITS = {"S1": range(0, 2000), "S2": range(2000, 4000), "held_out": range
 TRAINING_HALVES = ("S1", "S2")
 
 
+def other_half(half):
+    """The training half a model of ``half`` never saw: real digits to set beside its samples."""
+    return next(other for other in TRAINING_HALVES if other != half)
+
+
 def image_extensions():
     """File endings Pillow can open (.png, .jpg, .webp, ...); other files in a folder are not images."""
     return {ext.lower() for ext in Image.registered_extensions()}

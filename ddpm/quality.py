@@ -55,8 +55,8 @@ def save_judge(path, model, record):
         torch.save(checkpoint, tmp)
 
 
-def load_judge(path=JUDGE_PATH):
-    """The trained digit classifier, in eval mode on the CPU; UserError if the file is missing or not one."""
+def _read_judge(path):
+    """The judge's checkpoint dict, its file, format and weights checked; UserError, in plain words, otherwise."""
     check_readable_file(path, "digit classifier", "train it with python experiments/digit_classifier.py")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -66,6 +66,12 @@ def load_judge(path=JUDGE_PATH):
         raise UserError(f"{path!r} is not a digit classifier of this project (no format {JUDGE_FORMAT!r})")
     if weights_digest(checkpoint["model"]) != checkpoint.get("model_sha256"):
         raise UserError(f"digit classifier {path!r} is corrupted: its weights do not match their SHA-256 digest")
+    return checkpoint
+
+
+def load_judge(path=JUDGE_PATH):
+    """The trained digit classifier, in eval mode on the CPU; UserError if the file is missing or not one."""
+    checkpoint = _read_judge(path)
     model = DigitClassifier(**checkpoint["model_config"])
     model.load_state_dict(checkpoint["model"])
     return model.eval()
@@ -73,8 +79,7 @@ def load_judge(path=JUDGE_PATH):
 
 def judge_held_out_accuracy(path=JUDGE_PATH):
     """The judge's own accuracy on the held-out digits, from its training record: the most a generator can score."""
-    load_judge(path)  # the file checks, in plain words
-    return torch.load(path, map_location="cpu", weights_only=True)["train"]["held_out_accuracy"]
+    return _read_judge(path)["train"]["held_out_accuracy"]
 
 
 @torch.no_grad()
@@ -131,10 +136,14 @@ def class_counts(predicted, num_classes=10):
     return torch.bincount(predicted.cpu(), minlength=num_classes).tolist()
 
 
+def accuracy(predicted, asked):
+    """The share of the judge's readings ``predicted`` that are the digit each sample was ``asked`` to be, (N,) each."""
+    return float((predicted.cpu() == asked.cpu()).double().mean())
+
+
 def class_accuracy(classifier, samples, asked):
     """The share of ``samples`` that the judge reads as the digit each was asked to be (``asked``, (N,) digits)."""
-    _, predicted = judge(classifier, samples)
-    return float((predicted == asked.cpu()).double().mean())
+    return accuracy(judge(classifier, samples)[1], asked)
 
 
 def digit_quality(classifier, samples, reference, real, asked=None):
@@ -158,4 +167,4 @@ def digit_quality(classifier, samples, reference, real, asked=None):
             "real_fld": round(frechet_distance(real_features, ref_features), 3),
             "real_precision": round(real_precision, 4), "real_recall": round(real_recall, 4),
             "class_counts": class_counts(fake_classes),
-            **({"accuracy": round(float((fake_classes == asked.cpu()).double().mean()), 4)} if asked is not None else {})}
+            **({"accuracy": round(accuracy(fake_classes, asked), 4)} if asked is not None else {})}

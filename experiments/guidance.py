@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from ddpm.checkpoint import load_checkpoint  # noqa: E402
 from ddpm.cli import ArgumentParser, guidance_scale, int_in_range, run, zero_to_one  # noqa: E402
-from ddpm.data import DIGIT_SPLITS, TRAINING_HALVES, digits  # noqa: E402
+from ddpm.data import digits, other_half  # noqa: E402
 from ddpm.diffusion import generate  # noqa: E402
 from ddpm.errors import UserError  # noqa: E402
 from ddpm.figures import save_guidance_curves, save_guidance_grid  # noqa: E402
@@ -95,15 +95,13 @@ def main():
     classes = trained_on["classes"]
     labels = balanced_labels(args.num_samples, len(classes))
     held_out = digits("held_out")[0]
-    other_half = next(half for half in TRAINING_HALVES if half != trained_on["digits"])  # digits it never saw
-    count = min(args.num_samples, len(DIGIT_SPLITS[other_half]))
-    real = digits(other_half)[0][:count]
+    unseen = other_half(trained_on["digits"])  # real digits it never saw, as many as the samples (at most 2,000)
+    real = digits(unseen)[0][: args.num_samples]
     training = digits(trained_on["digits"])[0][: trained_on["num_images"]]
     began = time.perf_counter()
     rows, cells = [], [[] for _ in classes]
     for scale in tqdm(args.scales, desc="guidance", unit="scale"):
-        samples, row = sweep_one(model, schedule, scale, labels, args, classifier, held_out, real[: len(labels)],
-                                 training)
+        samples, row = sweep_one(model, schedule, scale, labels, args, classifier, held_out, real, training)
         rows.append(row)
         for c in range(len(classes)):
             cells[c].append(samples[labels == c][:SHOWN_PER_CELL])
@@ -117,7 +115,7 @@ def main():
               "classes": classes, "samples_per_class": args.num_samples // len(classes),
               "judge": JUDGE_NAME, "judge_held_out_accuracy": judge_accuracy,
               "reference": f"the {len(held_out)} held-out digits",
-              "real": f"the first {len(labels)} digits of {other_half}", "memorized_ratio": MEMORIZED_RATIO,
+              "real": f"the first {len(labels)} digits of {unseen}", "memorized_ratio": MEMORIZED_RATIO,
               "wall_time_s": round(time.perf_counter() - began, 1), "machine": describe(), "runs": rows}
     save_guidance_curves(rows, judge_accuracy, args.figure_path)
     save_guidance_grid(classes, args.scales, cells, args.grid_path)

@@ -96,6 +96,7 @@ def test_shipped_checkpoints_were_made_by_the_documented_commands(path, max_nois
     assert {k: args[k] for k in DEFAULT_RUN} == {**DEFAULT_RUN, **changed}
     assert model.config["canvas_size"] == canvas_size
     assert not model.config["attention"] and not model.config["coords"]
+    assert model.null_class is None and "num_classes" not in checkpoint["model_config"]  # predates classes, loads as is
     assert args["max_noise"] == max_noise and schedule.max_noise == max_noise
     assert checkpoint["train"]["step"] == args["train_steps"] and "resume" not in checkpoint
     record = json.load(open(path[: -len(".pth")] + ".json"))

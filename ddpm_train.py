@@ -223,16 +223,23 @@ def make_trainer(args, model, data, dataset, device, snapshot):
 
 
 def train_until_done_or_stopped(trainer, args, record, snapshot_path):
-    """Run the trainer with periodic snapshots; True if it finished, False if Ctrl-C stopped it."""
+    """Run the trainer with periodic snapshots. After Ctrl-C, save a snapshot and exit 130 (stop_with_a_snapshot).
+
+    The Ctrl-C handler stays in place until that snapshot is saved. Under torchrun every process gets its own
+    Ctrl-C, and all stop at the first step after any of them saw one, so a process may get its signal late,
+    while the processes gather their random states for the snapshot: it must not kill that process then.
+    """
     try:
         with stop_on_sigint(trainer):
             say(f"training {args.train_steps - trainer.step} steps on {record.data.name}, on {record.device}"
                 + (f" in {trainer.world_size} processes" if trainer.world_size > 1 else "")
                 + f"; the model will go to {args.model_save_path}; Ctrl-C saves a snapshot to {snapshot_path}",
                 flush=True)
-            return trainer.run(save_every=args.save_every,
-                               on_save=lambda t: record.save(snapshot_path, t, resumable=True),
-                               eval_every=args.eval_every, on_eval=record.evaluate)
+            finished = trainer.run(save_every=args.save_every,
+                                   on_save=lambda t: record.save(snapshot_path, t, resumable=True),
+                                   eval_every=args.eval_every, on_eval=record.evaluate)
+            if not finished:
+                stop_with_a_snapshot(trainer, args, record, snapshot_path)
     except NonFiniteLoss as exc:
         raise UserError(f"{exc}: training diverged (try a lower --lr, such as {args.lr / 10:g}); "
                         "nothing was saved, earlier checkpoints are untouched") from None
@@ -253,8 +260,7 @@ def main():
     # channels_last lets the CPU and GPU convolution kernels skip layout shuffles
     model = model.to(device, memory_format=torch.channels_last)
     trainer = make_trainer(args, model, data, dataset, device, snapshot)
-    if not train_until_done_or_stopped(trainer, args, record, paths["snapshot"]):
-        stop_with_a_snapshot(trainer, args, record, paths["snapshot"])
+    train_until_done_or_stopped(trainer, args, record, paths["snapshot"])
     record.save(args.model_save_path, trainer, resumable=False)
     if is_main_process():
         finish(args, trainer, record, paths)

@@ -178,8 +178,9 @@ def stop_on_sigint(trainer):
         if trainer.stop_requested:
             raise KeyboardInterrupt
         trainer.request_stop()
-        print("\nstopping after this step to save a snapshot (Ctrl-C again to quit without saving)",
-              file=sys.stderr)
+        if not trainer.stopping:  # under torchrun, the processes may have agreed to stop already
+            print("\nstopping after this step to save a snapshot (Ctrl-C again to quit without saving)",
+                  file=sys.stderr)
 
     previous = signal.signal(signal.SIGINT, handler)
     try:

@@ -121,6 +121,36 @@ def test_ctrl_c_saves_a_snapshot_and_resume_finishes_the_same_run(tmp_path, tiny
     assert quality[0]["psnr_db"] == quality[1]["psnr_db"]
 
 
+def test_a_ctrl_c_that_arrives_after_every_process_agreed_to_stop_does_not_lose_the_snapshot(
+        tmp_path, tiny_image, monkeypatch, capsys):
+    """Under torchrun each process gets its own Ctrl-C, one after another, and all stop after the step in which
+    the first arrived. A process whose signal comes while the snapshot is being gathered must go on saving: once
+    it did not, and the other process, waiting for its random state, died with a traceback and saved nothing."""
+    import ddpm.training_run
+
+    def stop_as_another_process_asked(trainer, **_):
+        trainer.train_step()
+        trainer.stopping = True  # what _agree sets when another process saw Ctrl-C in this step
+        return False
+
+    real_save = ddpm.training_run.RunRecord.save
+
+    def save_with_a_late_ctrl_c(self, path, trainer, resumable):
+        signal.raise_signal(signal.SIGINT)  # this process's own Ctrl-C, late
+        return real_save(self, path, trainer, resumable)
+
+    monkeypatch.setattr(Trainer, "run", stop_as_another_process_asked)
+    monkeypatch.setattr(ddpm.training_run.RunRecord, "save", save_with_a_late_ctrl_c)
+    ckpt = tmp_path / "run.pth"
+    status, _, err = run_in_process(TRAIN, "--image_path", tiny_image, "--train_steps", 300, *QUICK,
+                                    "--model_save_path", ckpt, monkeypatch=monkeypatch, capsys=capsys)
+    assert status == 130, err
+    assert "stopped at step 1 of 300" in err and "interrupted" not in err
+    assert torch.load(tmp_path / "run.resume.pth", weights_only=True)["train"]["step"] == 1
+    assert not ckpt.exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
 def test_save_every_writes_snapshots_and_the_finished_run_removes_them(tmp_path, tiny_image, monkeypatch, capsys):
     import ddpm.checkpoint
 

@@ -28,6 +28,7 @@ from ddpm.figures import save_sweep, save_trajectory, save_trajectory_gif, save_
 from ddpm.files import check_writable, file_sha256
 from ddpm.imaging import load_image, save_image
 from ddpm.metrics import psnr, ssim
+from ddpm.precision import add_precision_argument, autocast, check_precision
 
 SWEEP_WEIGHTS = [i / 10 for i in range(11)]  # w = 0, 0.1, ..., 1
 SWEEP_STEPS = 10  # the sweep's multi-step curve, unless --steps says otherwise
@@ -62,12 +63,14 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int_in_range(0, MAX_SEED), default=0,
                         help="seed for the noise eps, and for the fresh noise of --eta above 0")
     add_device_argument(parser)
+    add_precision_argument(parser)
     return parser.parse_args(argv)
 
 
 def main():
     args = parse_args()
     device = pick_device(args.device)
+    check_precision(args.precision, device, warn)
     model, schedule, checkpoint = load_checkpoint(args.model_path, device)
     img_size = resolve_img_size(args.img_size, checkpoint["data"]["img_size"])
     args.image_path = resolve_image_path(args.image_path, checkpoint["data"])
@@ -80,9 +83,12 @@ def main():
 
     x_t = schedule.add_noise(x0, torch.tensor([args.t]), eps)  # (1, 3, H, W)
     trajectory = []
-    x0_hat = denoise(model, x_t.to(device), args.t, schedule, steps, trajectory, eta=args.eta, generator=noise).cpu()
+    with autocast(args.precision, device):
+        x0_hat = denoise(model, x_t.to(device), args.t, schedule, steps, trajectory, eta=args.eta,
+                         generator=noise).cpu()
     report(args, steps, schedule.w(args.t), x0, x_t, x0_hat,
-           (f"eta={args.eta:g}  " if args.eta else "") + f"img_size={img_size}  device={device}")
+           (f"eta={args.eta:g}  " if args.eta else "") + f"img_size={img_size}  device={device}"
+           + (f"  precision={args.precision}" if args.precision != "fp32" else ""))
     if steps > 1:
         save_trajectory(trajectory, args.trajectory_path)
         print(f"saved {args.trajectory_path}")
@@ -90,7 +96,8 @@ def main():
         save_trajectory_gif(trajectory, args.gif)
         print(f"saved {args.gif}")
     if args.sweep:
-        sweep(model, schedule, x0, eps, device, args.steps or SWEEP_STEPS, args.sweep_path, args.eta, noise)
+        with autocast(args.precision, device):
+            sweep(model, schedule, x0, eps, device, args.steps or SWEEP_STEPS, args.sweep_path, args.eta, noise)
 
 
 def resolve_img_size(requested, trained):

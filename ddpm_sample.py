@@ -48,6 +48,7 @@ from ddpm.errors import UserError
 from ddpm.figures import save_image_grid, save_nearest_pairs
 from ddpm.files import check_writable, write_json
 from ddpm.guidance import DEFAULT_GUIDANCE, Guided, balanced_labels
+from ddpm.precision import add_precision_argument, autocast, check_precision
 from ddpm.imaging import save_image
 from ddpm.machine import describe
 from ddpm.metrics import MEMORIZED_RATIO, nearest_training_images
@@ -81,6 +82,7 @@ def parse_args(argv=None):
                               f"the class, 1 is plain conditional, above 1 follows it more closely "
                               f"(default: {DEFAULT_GUIDANCE:g})")
     add_device_argument(parser)
+    add_precision_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -175,6 +177,7 @@ def main():
     keep_freed_memory()
     args = parse_args()
     device = pick_device(args.device)
+    check_precision(args.precision, device, warn)
     model, schedule, checkpoint = load_checkpoint(args.model_path, device)  # the EMA weights, if kept
     size = checkpoint["data"]["img_size"]
     if schedule.max_noise < 1:
@@ -196,8 +199,9 @@ def main():
 
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     sampler = model if labels is None else Guided(model, labels, guidance)  # called as model(x_t, t)
-    samples = generate(sampler, schedule, (args.num_samples, 3, size, size), args.steps, args.eta, args.seed,
-                       device).cpu()
+    with autocast(args.precision, device):
+        samples = generate(sampler, schedule, (args.num_samples, 3, size, size), args.steps, args.eta, args.seed,
+                           device).cpu()
     if not args.summary_only:
         for i, sample in enumerate(samples):
             save_image(sample, os.path.join(output_dir, names[i]))
@@ -211,7 +215,8 @@ def main():
                                      f"sample_000.png ... {names[args.num_samples - 1]} and grid.png"))
 
     summary = {"model_path": args.model_path, "num_samples": args.num_samples, "steps": args.steps,
-               "eta": args.eta, "seed": args.seed, "img_size": size, "device": str(device), "machine": describe(),
+               "eta": args.eta, "seed": args.seed, "img_size": size, "device": str(device), "precision": args.precision,
+               "machine": describe(),
                **({} if labels is None else {"classes": classes, "label": args.label, "guidance": guidance}),
                "samples": [{"file": None if args.summary_only else f"sample_{i:03d}.png",
                             **({} if labels is None else {"class": classes[int(labels[i])]})}

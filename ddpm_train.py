@@ -48,6 +48,7 @@ from ddpm.distributed import is_main_process, join_processes, launcher, rank_and
 from ddpm.errors import UserError
 from ddpm.files import check_writable
 from ddpm.guidance import LABEL_DROPOUT
+from ddpm.precision import add_precision_argument, check_precision
 from ddpm.training import WARMUP_STEPS, NonFiniteLoss, Trainer, rank_seed
 from ddpm.training_run import (EVAL_T, SCRIPT, RunRecord, companion_paths, continue_from, keep_another_models,
                                open_snapshot)
@@ -133,6 +134,7 @@ def build_parser():
                          help="add a learned full-size image B to the output, x0_hat = unet(x_t, t) + B: "
                               "the network may store the picture itself")
     add_device_argument(parser)
+    add_precision_argument(parser)
     parser.add_argument("--save_every", type=int_in_range(0, 1_000_000), default=500,
                         help="steps between resumable snapshots (0: only on Ctrl-C)")
     parser.add_argument("--eval_every", type=int_in_range(0, 1_000_000), default=100,
@@ -213,7 +215,8 @@ def make_trainer(args, model, data, dataset, device, snapshot):
     try:
         trainer = Trainer(model, dataset, NoiseSchedule(max_noise=args.max_noise), args.train_steps, args.lr,
                           batch_size=args.batch_size, generator=generator, ema_decay=args.ema_decay,
-                          data_seed=args.seed, labels=data.labels, label_dropout=args.label_dropout or 0.0)
+                          data_seed=args.seed, labels=data.labels, label_dropout=args.label_dropout or 0.0,
+                          precision=args.precision)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if snapshot is not None:
@@ -252,6 +255,7 @@ def main():
     check_flags(args, typed)
     device = join_processes(pick_device(args.device))
     model, snapshot = open_snapshot(args, typed, device) if args.resume else (None, None)
+    check_precision(args.precision, device, warn)  # the resumed run's precision, if it is one
     chosen_path = args.model_save_path is not None  # typed, or the resumed run's
     paths, data = outputs_and_data(args)
     model = model or new_model(args, data.classes)

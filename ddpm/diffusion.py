@@ -95,7 +95,7 @@ def training_losses(model, x0, schedule, generator=None, y=None):
     eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = schedule.add_noise(x0, t, eps)
     x0_hat = model(x_t, t) if y is None else model(x_t, t, y)
-    return ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3)), t
+    return ((x0_hat.float() - x0) ** 2).mean(dim=(1, 2, 3)), t  # the loss in float32, also under bf16 autocast
 
 
 def timestep_grid(t_start, steps):

@@ -47,6 +47,7 @@ from .data import ImageTensors, LabelledImages, batch_stream, per_process_batch
 from .diffusion import training_losses
 from .distributed import rank_and_world_size
 from .guidance import drop_labels
+from .precision import autocast
 
 WARMUP_STEPS = 100
 GRAD_CLIP_NORM = 1.0
@@ -133,16 +134,20 @@ class Trainer:
     A conditional network (built with num_classes) is given ``labels``, (N,) the class of each
     image, and shown each with no class at the rate ``label_dropout`` (guidance.drop_labels,
     drawn from ``generator`` too).
+
+    ``precision`` "bf16" runs each step's forward pass under a bf16 autocast (ddpm/precision.py); the
+    weights, Adam's state and the loss stay float32.
     """
 
     def __init__(self, model, data, schedule, train_steps, lr, batch_size=1, generator=None, ema_decay=0.0,
-                 data_seed=0, labels=None, label_dropout=0.0):
+                 data_seed=0, labels=None, label_dropout=0.0, precision="fp32"):
         self.model, self.schedule, self.train_steps = model, schedule, train_steps
         self.device = next(model.parameters()).device
         self.dataset = ImageTensors(data) if torch.is_tensor(data) else data
         if (labels is None) != (getattr(model, "null_class", None) is None):
             raise ValueError("a conditional network trains with labels, and only a conditional one")
         self.labels, self.label_dropout = labels, label_dropout
+        self.precision = precision  # of the forward pass: fp32, or bf16 autocast (ddpm/precision.py)
         self.rank, self.world_size = rank_and_world_size()
         self.batch_size = per_process_batch(batch_size, self.world_size)  # this process's share
         self.data_seed, self.batches = data_seed, None  # the batches start where the run is, in run()
@@ -187,7 +192,8 @@ class Trainer:
         x0, labels = self.next_batch()
         if labels is not None:
             labels = drop_labels(labels, self.model.null_class, self.label_dropout, generator=self.generator)
-        image_losses, t = training_losses(self.network, x0, self.schedule, generator=self.generator, y=labels)
+        with autocast(self.precision, self.device):  # the forward pass only; backward follows its dtypes
+            image_losses, t = training_losses(self.network, x0, self.schedule, generator=self.generator, y=labels)
         loss = image_losses.mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # under DDP, also averages the gradients of all processes

@@ -29,7 +29,8 @@ RUN_SETTINGS = ("img_size", "batch_size", "train_steps", "lr", "image_path", "se
                 "channel_mults", "max_noise")
 # settings added later, with the value that runs which predate them had
 LATER_SETTINGS = {"attention": False, "coords": False, "canvas": False, "image_dir": None, "num_images": None,
-                  "ema_decay": 0.0, "digits": None, "class_conditional": False, "label_dropout": None}
+                  "ema_decay": 0.0, "digits": None, "class_conditional": False, "label_dropout": None,
+                  "precision": "fp32"}
 SCRIPT = "ddpm_train.py"
 EVAL_IMAGES = 8  # with a folder, the quality check denoises its first 8 images
 EVAL_T, EVAL_NOISE_SEED = 500, 0  # the quality check denoises what `python ddpm_infer.py` does by default
@@ -153,6 +154,7 @@ class RunRecord:
             "command": " ".join(self.command()),
             "args": dict(vars(self.args)),
             "seed": self.args.seed, "device": str(self.device), "processes": trainer.world_size,
+            "precision": trainer.precision,
             "machine": describe(),
             "torch_version": str(torch.__version__), "python_version": platform.python_version(),
             "wall_time_s": round(self.elapsed(), 2), "train_steps": trainer.step,
@@ -182,6 +184,7 @@ class RunRecord:
                 "args": {k: v for k, v in vars(self.args).items() if k != "resume"}, "step": trainer.step,
                 "loss_history": trainer.loss_history(), "noise_history": trainer.noise_history(),
                 "wall_time_s": self.elapsed(), "quality": self.quality, "processes": trainer.world_size,
+                "precision": trainer.precision,
                 "device": str(self.device), "torch_version": str(torch.__version__),
                 "python_version": platform.python_version(),
             },

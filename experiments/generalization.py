@@ -38,12 +38,13 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from ddpm.cli import ArgumentParser, channel_multipliers, int_in_range, positive_float, run  # noqa: E402
+from ddpm.cli import ArgumentParser, channel_multipliers, int_in_range, positive_float, run, warn  # noqa: E402
 from ddpm.data import DIGIT_SPLITS, digits  # noqa: E402
 from ddpm.diffusion import NoiseSchedule, generate  # noqa: E402
 from ddpm.figures import save_generalization_curves, save_generalization_grid  # noqa: E402
 from ddpm.files import check_writable, write_json  # noqa: E402
 from ddpm.machine import describe  # noqa: E402
+from ddpm.precision import add_precision_argument, autocast, check_precision  # noqa: E402
 from ddpm.metrics import (MEMORIZED_RATIO, cosine_similarity, nearest_cosine_similarity,  # noqa: E402
                           nearest_training_images)
 from ddpm.quality import JUDGE_NAME, digit_quality, load_judge  # noqa: E402
@@ -72,6 +73,7 @@ def parse_args(argv=None):
     parser.add_argument("--sample_steps", type=int_in_range(1, 1000), default=25, help="deterministic sampling steps")
     parser.add_argument("--seed", type=int_in_range(0, 2**32 - 1), default=0, help="seed for everything")
     parser.add_argument("--workers", type=int_in_range(1, 64), default=2, help="models trained at once")
+    add_precision_argument(parser)
     parser.add_argument("--figure_path", default="images/generalization.png")
     parser.add_argument("--grid_path", default="images/generalization_grid.png")
     parser.add_argument("--json_path", default="images/generalization.json")
@@ -90,13 +92,14 @@ def train_and_sample(settings, half, n):
     schedule = NoiseSchedule(max_noise=1.0)
     trainer = Trainer(model, train, schedule, settings["train_steps"], settings["lr"],
                       batch_size=settings["batch_size"], generator=torch.Generator().manual_seed(settings["seed"]),
-                      ema_decay=settings["ema_decay"], data_seed=settings["seed"])
+                      ema_decay=settings["ema_decay"], data_seed=settings["seed"], precision=settings["precision"])
     began = time.perf_counter()
     trainer.run(show_progress=False)
     seconds = time.perf_counter() - began
     shape = (settings["num_samples"], 3, *train.shape[-2:])
-    samples = generate(trainer.sampling_model(), schedule, shape, settings["sample_steps"], eta=0.0,
-                       seed=settings["seed"])  # the same starting noise for every model
+    with autocast(settings["precision"], torch.device("cpu")):
+        samples = generate(trainer.sampling_model(), schedule, shape, settings["sample_steps"], eta=0.0,
+                           seed=settings["seed"])  # the same starting noise for every model
     return samples, {"train_seconds": round(seconds, 1), "final_loss": trainer.final_loss()}
 
 
@@ -126,7 +129,7 @@ def measure(n, samples, judged, classifier, held_out):
 def run_all(args):
     """Train and sample every (model, N), --workers at a time; yields (n, model, samples, record) as each ends."""
     settings = {key: getattr(args, key) for key in ("train_steps", "batch_size", "lr", "ema_decay", "base_channels",
-                                                    "channel_mults", "num_samples", "sample_steps", "seed")}
+                                                    "channel_mults", "num_samples", "sample_steps", "seed", "precision")}
     jobs = [(model, half, n) for n in args.num_images for model, half in HALVES.items()]
     if args.workers == 1:
         threads = torch.get_num_threads()
@@ -146,6 +149,7 @@ def run_all(args):
 
 def main():
     args = parse_args()
+    check_precision(args.precision, torch.device("cpu"), warn)
     for path in (args.figure_path, args.grid_path, args.json_path):
         check_writable(path, "output")
     classifier = load_judge()  # before the long work: a missing judge costs nothing

@@ -28,8 +28,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
+import torch  # noqa: E402
+
 from ddpm.checkpoint import load_checkpoint  # noqa: E402
-from ddpm.cli import ArgumentParser, guidance_scale, int_in_range, run, zero_to_one  # noqa: E402
+from ddpm.cli import ArgumentParser, guidance_scale, int_in_range, run, warn, zero_to_one  # noqa: E402
 from ddpm.data import digits, other_half  # noqa: E402
 from ddpm.diffusion import generate  # noqa: E402
 from ddpm.errors import UserError  # noqa: E402
@@ -38,6 +40,7 @@ from ddpm.files import check_writable, write_json  # noqa: E402
 from ddpm.guidance import Guided, balanced_labels  # noqa: E402
 from ddpm.machine import describe  # noqa: E402
 from ddpm.metrics import MEMORIZED_RATIO, nearest_training_images  # noqa: E402
+from ddpm.precision import add_precision_argument, autocast, check_precision  # noqa: E402
 from ddpm.quality import JUDGE_NAME, JUDGE_PATH, digit_quality, judge_held_out_accuracy, load_judge  # noqa: E402
 
 SHOWN_PER_CELL = 4  # samples of one class at one S in the grid figure
@@ -56,6 +59,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int_in_range(1, 1000), default=50, help="sampling steps")
     parser.add_argument("--eta", type=zero_to_one, default=1.0, help="fresh noise per step (1: DDPM's sampler)")
     parser.add_argument("--seed", type=int_in_range(0, 2**32 - 1), default=0, help="the same noise at every S")
+    add_precision_argument(parser)
     parser.add_argument("--figure_path", default="images/guidance.png")
     parser.add_argument("--grid_path", default="images/guidance_grid.png")
     parser.add_argument("--json_path", default="images/guidance.json")
@@ -75,8 +79,9 @@ def load_conditional_digits_model(path):
 def sweep_one(model, schedule, scale, labels, args, classifier, held_out, real, training):
     """Samples at guidance scale ``scale`` and their record."""
     began = time.perf_counter()
-    samples = generate(Guided(model, labels, scale), schedule, (len(labels), 3, *held_out.shape[-2:]), args.steps,
-                       args.eta, args.seed)
+    with autocast(args.precision, torch.device("cpu")):
+        samples = generate(Guided(model, labels, scale), schedule, (len(labels), 3, *held_out.shape[-2:]),
+                           args.steps, args.eta, args.seed)
     seconds = time.perf_counter() - began
     quality = digit_quality(classifier, samples, held_out, real, asked=labels)
     _, d1, _, ratio = nearest_training_images(samples, training)
@@ -87,6 +92,7 @@ def sweep_one(model, schedule, scale, labels, args, classifier, held_out, real, 
 
 def main():
     args = parse_args()
+    check_precision(args.precision, torch.device("cpu"), warn)
     for path in (args.figure_path, args.grid_path, args.json_path):
         check_writable(path, "output", inputs=[args.model_path, JUDGE_PATH])
     model, schedule, trained_on = load_conditional_digits_model(args.model_path)

@@ -65,15 +65,29 @@ def timestep_embedding(t, dim):
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (B, dim)
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that normalises in float32, also inside a bf16 autocast region (ddpm/precision.py).
+
+    There PyTorch would take the mean and variance of a bf16 input and return bf16; with float32 in,
+    it normalises in float32, and the convolution after it casts to bf16 itself. Outside autocast its
+    input is float32 already, and it is nn.GroupNorm to the bit.
+    """
+
+    in_fp32 = True  # benchmarks/precision.py turns it off to measure what bf16 normalisation costs
+
+    def forward(self, x):
+        return super().forward(x.float() if self.in_fp32 else x)
+
+
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv3x3, + time embedding, GroupNorm -> SiLU -> conv3x3, + shortcut."""
 
     def __init__(self, in_ch, out_ch, temb_dim):
         super().__init__()
-        self.norm1 = nn.GroupNorm(GROUPS, in_ch)
+        self.norm1 = GroupNorm(GROUPS, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_dim, out_ch)
-        self.norm2 = nn.GroupNorm(GROUPS, out_ch)
+        self.norm2 = GroupNorm(GROUPS, out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         # a 1x1 conv matches the channel count of the residual path when it changes
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -118,7 +132,7 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, ch):
         super().__init__()
-        self.norm = nn.GroupNorm(GROUPS, ch)
+        self.norm = GroupNorm(GROUPS, ch)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj_out = nn.Conv2d(ch, ch, 1)
         nn.init.zeros_(self.proj_out.weight)
@@ -200,10 +214,20 @@ class UNet(nn.Module):
             if level > 0:
                 self.ups.append(Up(ch))
 
-        self.norm_out = nn.GroupNorm(GROUPS, ch)
+        self.norm_out = GroupNorm(GROUPS, ch)
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
         # the canvas B starts blank: training paints into it what every output shares
         self.canvas = nn.Parameter(torch.zeros(1, in_channels, canvas_size, canvas_size)) if canvas_size else None
+
+    output_in_fp32 = True  # benchmarks/precision.py turns it off to measure what a bf16 output costs
+
+    def output_layer(self, h):
+        """GroupNorm -> SiLU -> conv3x3 down to the image's channels: x0_hat, computed in float32 also
+        inside a bf16 autocast region, since it is the prediction itself (ddpm/precision.py)."""
+        if self.output_in_fp32 and torch.is_autocast_enabled(h.device.type):
+            with torch.autocast(h.device.type, enabled=False):
+                return self.conv_out(F.silu(self.norm_out(h.float())))
+        return self.conv_out(F.silu(self.norm_out(h)))
 
     @property
     def null_class(self):
@@ -254,7 +278,7 @@ class UNet(nn.Module):
             if i < len(self.ups):
                 h = self.ups[i](h)  # double H and W
 
-        x0_hat = self.conv_out(F.silu(self.norm_out(h)))  # (B, C, H, W)
+        x0_hat = self.output_layer(h)  # (B, C, H, W)
         if self.canvas is not None:
             x0_hat = x0_hat + self.canvas  # x0_hat = unet(x_t, t) + B
         return x0_hat

@@ -66,3 +66,24 @@ def test_benchmark_quick_run_on_cuda(tmp_path):
     assert set(report["matmul_peak"]["rates"]) == {"torch.mm bf16"}
     ours = report["sizes"]["32"]["ours"]
     assert ours["step_ms"] > 0 and ours["peak_memory_mb"] > 0 and 0 < ours["fraction_of_peak"]
+
+
+def test_bf16_autocast_trains_on_cuda_with_float32_weights_and_a_float32_prediction(tiny_image):
+    from ddpm import NoiseSchedule, load_image
+    from ddpm.precision import autocast, native_bf16
+    from ddpm.training import Trainer
+    from models import UNet
+
+    if not native_bf16(torch.device("cuda")):
+        pytest.skip("this GPU has no native bf16 (compute capability below 8.0)")
+    torch.manual_seed(0)
+    model = UNet(3, 8, (1, 2), attention=True).cuda().to(memory_format=torch.channels_last)
+    x0 = load_image(tiny_image, 16).cuda()
+    trainer = Trainer(model, x0, NoiseSchedule(), 200, lr=3e-3, batch_size=4,
+                      generator=torch.Generator(device="cuda").manual_seed(0), precision="bf16")
+    trainer.run(show_progress=False)
+    losses = trainer.loss_history()
+    assert sum(losses[-20:]) < sum(losses[:20]) / 10
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad(), autocast("bf16", torch.device("cuda")):
+        assert model(x0, torch.tensor([100], device="cuda")).dtype == torch.float32

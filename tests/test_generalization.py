@@ -51,7 +51,7 @@ def test_a_model_samples_the_same_every_time_and_other_digits_make_another_model
     from generalization import train_and_sample
 
     settings = {"train_steps": 2, "batch_size": 2, "lr": 1e-3, "ema_decay": 0.9, "base_channels": 8,
-                "channel_mults": [1, 2], "num_samples": 3, "sample_steps": 1, "seed": 0}
+                "channel_mults": [1, 2], "num_samples": 3, "sample_steps": 1, "seed": 0, "precision": "fp32"}
     threads = torch.get_num_threads()
     try:
         a, _ = train_and_sample(settings, "S1", 2)

@@ -289,3 +289,16 @@ def test_the_unseen_photo_lesson_quotes_what_the_command_prints():
     assert output < 12  # it returns (pieces of) its own picture, not the astronaut
     for name in ("README.md", "README.en.md"):
         assert f"{noisy:.2f}" in readme(name) and f"{output:.2f}" in readme(name), name
+
+
+def test_the_bf16_page_shows_what_benchmarks_precision_py_measured():
+    """benchmarks/README.md's bf16 tables are the ones benchmarks/precision.py wrote, on a CPU with native bf16,
+    with the recipe ddpm/precision.py runs among those measured."""
+    from benchmarks import precision
+
+    report = json.load(open(os.path.join(REPO, "benchmarks", "precision.json")))
+    assert report["command"].startswith("python benchmarks/precision.py")
+    assert precision.format_report(report) in readme("benchmarks/README.md")
+    assert report["native_bf16"] and {"speed", "inference", "quality"} <= set(report)
+    assert report["quality"]["bf16"]["groupnorm_fp32"] and report["quality"]["bf16"]["output_fp32"]
+    assert report["quality_steps"] == 3000  # whole default runs

@@ -151,9 +151,7 @@ def inference_quality():
             with torch.no_grad(), autocast(precision, CPU):
                 out[precision] = denoise(model, x_t, EVAL_T, schedule, steps)
         result[f"denoiser, {steps} step{'s' if steps > 1 else ''}: PSNR dB"] = {
-            p: psnr(x, x0) for p, x in out.items()}
-        result[f"denoiser, {steps} step{'s' if steps > 1 else ''}: PSNR dB"]["bf16_against_fp32"] = psnr(
-            out["bf16"], out["fp32"])
+            **{p: psnr(x, x0) for p, x in out.items()}, "bf16_against_fp32": psnr(out["bf16"], out["fp32"])}
     model, schedule, _ = load_checkpoint(str(DIGITS))
     model = model.to(memory_format=torch.channels_last)
     samples = {}

@@ -11,7 +11,11 @@ Layout, plain Python data and tensors only:
      "ema": state_dict,               # only where training kept an EMA of the weights: sampling uses it
      "ema_sha256": "...",
      "train": {"args": {...}, "step": ..., "loss_history": [...], ...},
-     "resume": {...}}                 # only in unfinished runs: optimizer, RNG states, ...
+     "resume": {...},                 # only in unfinished runs: optimizer, RNG states, step, ...
+     "resume_sha256": "..."}          # digest of "resume" and "train": all that a resumed run continues from
+
+Every digest is checked when the file is read, so a flipped byte anywhere a
+model or a resumed run depends on is refused instead of silently used.
 
 Because nothing in it is a custom class, ``torch.load(path, weights_only=True)``
 always reads it, and we never fall back to an unsafe load: a checkpoint is a
@@ -42,6 +46,40 @@ def weights_digest(state_dict):
     return digest.hexdigest()
 
 
+def state_digest(value):
+    """SHA-256 over nested plain data (dicts, lists, tensors, numbers, strings): every key, type and byte.
+
+    What weights_digest does for a state_dict, for the rest of a snapshot: the optimizer's moments,
+    the random generators' states, the step, the loss history. Dict keys are taken in sorted order,
+    and a tuple counts as a list (a checkpoint may read either back).
+    """
+    digest = hashlib.sha256()
+
+    def feed(item):
+        if torch.is_tensor(item):
+            tensor = item.detach().cpu().contiguous()
+            digest.update(f"T|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(item, dict):
+            digest.update(f"D{len(item)}|".encode())
+            for key in sorted(item, key=repr):
+                digest.update(f"{key!r}:".encode())
+                feed(item[key])
+        elif isinstance(item, (list, tuple)):
+            digest.update(f"L{len(item)}|".encode())
+            for element in item:
+                feed(element)
+        else:  # None, bool, int, float (repr is exact), str
+            digest.update(f"{type(item).__name__}|{item!r}|".encode())
+
+    feed(value)
+    return digest.hexdigest()
+
+
+def _resume_digest(checkpoint):
+    return state_digest({"resume": checkpoint["resume"], "train": checkpoint["train"]})
+
+
 def _cpu_state(model):
     return {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
 
@@ -70,13 +108,9 @@ def save_checkpoint(path, model, schedule, data, train_info, resume=None, ema=No
         checkpoint["ema_sha256"] = weights_digest(checkpoint["ema"])
     if resume is not None:
         checkpoint["resume"] = resume
-    try:
-        with atomic_write(path) as tmp:
-            torch.save(checkpoint, tmp)
-    except OSError as exc:
-        raise UserError(
-            f"could not write checkpoint {path!r} ({exc.strerror or exc}); any previous file there is untouched"
-        ) from None
+        checkpoint["resume_sha256"] = _resume_digest(checkpoint)
+    with atomic_write(path, "checkpoint") as tmp:  # a failed write: UserError, the previous file kept
+        torch.save(checkpoint, tmp)
 
 
 def load_checkpoint(path, device="cpu", ema=True):
@@ -95,11 +129,6 @@ def load_checkpoint(path, device="cpu", ema=True):
         schedule = NoiseSchedule(**checkpoint["noise_config"])
     except (TypeError, ValueError) as exc:
         raise UserError(f"checkpoint {path!r} describes a network this code cannot build ({exc})") from None
-    if weights_digest(checkpoint[key]) != checkpoint.get(f"{key}_sha256"):
-        raise UserError(
-            f"checkpoint {path!r} is corrupted: its weights do not match their SHA-256 digest "
-            "(copy or download it again)"
-        )
     try:
         model.load_state_dict(checkpoint[key], assign=True)  # take the file's tensors as the parameters
     except RuntimeError as exc:
@@ -149,11 +178,38 @@ def read_checkpoint(path):
     data = checkpoint["data"]
     if not isinstance(data, dict) or not isinstance(data.get("img_size"), int) or data["img_size"] < 1:
         raise UserError(f"checkpoint {path!r} is damaged: it does not record the image size it was trained at")
+    _check_data_record(path, data)
     for key in ("model", "ema"):
         weights = checkpoint.get(key, {})
         if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
             raise UserError(f"checkpoint {path!r} is damaged: its {key!r} entry is not a dict of tensors")
+        if key in checkpoint and weights_digest(weights) != checkpoint.get(f"{key}_sha256"):
+            raise UserError(f"checkpoint {path!r} is corrupted: its {'EMA ' if key == 'ema' else ''}weights do not "
+                            "match their SHA-256 digest (copy or download it again)")
+    if "resume_sha256" in checkpoint and _resume_digest(checkpoint) != checkpoint["resume_sha256"]:
+        # snapshots written before this digest existed carry none, and resume unchecked as they always did
+        raise UserError(f"snapshot {path!r} is corrupted: the state it resumes (optimizer, random generators, "
+                        "step, history) does not match its SHA-256 digest (resume from an intact copy)")
     return checkpoint
+
+
+# What a checkpoint's "data" record must hold to find its training data again, by kind of data.
+DATA_FIELDS = {"digits": {"num_images": int, "digits_sha256": str},
+               "image_dir": {"files": list, "dataset_sha256": str, "num_images": int},
+               "image_path": {}}
+
+
+def _check_data_record(path, data):
+    """UserError unless the "data" record describes the data it names in full (what data.recorded_training_data
+    needs to find it again). A record that names none is allowed: the scripts then say they cannot compare."""
+    kind = next((name for name in DATA_FIELDS if name in data), None)
+    if kind is None:
+        return
+    for field, kind_of_value in {kind: str, **DATA_FIELDS[kind]}.items():
+        if not isinstance(data.get(field), kind_of_value):
+            raise UserError(f"checkpoint {path!r} is damaged: its data record lacks a valid {field!r}")
+    if kind == "image_dir" and not all(isinstance(name, str) for name in data["files"]):
+        raise UserError(f"checkpoint {path!r} is damaged: its data record's 'files' are not all file names")
 
 
 def _why(exc):

@@ -49,7 +49,7 @@ def _save(fig, path):
     canvas = fig.canvas
     canvas.draw()
     rgb = np.asarray(canvas.buffer_rgba())[..., :3]  # (H, W, 3) uint8; the figure has no transparency
-    with atomic_write(path) as tmp:
+    with atomic_write(path, "figure") as tmp:
         Image.fromarray(rgb).save(tmp, format="png", compress_level=PNG_COMPRESS_LEVEL)
 
 
@@ -126,7 +126,7 @@ def save_trajectory_gif(trajectory, path, frame_ms=250, most_frames=25):
         rgba = np.asarray(fig.canvas.buffer_rgba())
         frames.append(Image.fromarray(rgba[:, :, :3].copy()))
     durations = [frame_ms] * (len(frames) - 1) + [frame_ms * 8]
-    with atomic_write(path) as tmp:
+    with atomic_write(path, "figure") as tmp:
         frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
 
 
@@ -244,7 +244,7 @@ def save_image_grid(images, path, columns=8, min_tile_px=64):
     scale = max(1, -(-min_tile_px // images.shape[-1]))  # ceil
     picture = to_pil(grid)
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    with atomic_write(path) as tmp:
+    with atomic_write(path, "figure") as tmp:
         picture.save(tmp, format="png", compress_level=PNG_COMPRESS_LEVEL)
 
 

@@ -113,5 +113,5 @@ def to_pil(x):
 
 def save_image(x, path):
     """Write a tensor in [-1, 1] as an 8-bit RGB PNG (atomically)."""
-    with atomic_write(path) as tmp:
+    with atomic_write(path, "image") as tmp:
         to_pil(x).save(tmp, format="PNG")

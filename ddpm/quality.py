@@ -51,7 +51,7 @@ def save_judge(path, model, record):
     state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     checkpoint = {"format": JUDGE_FORMAT, "version": 1, "model_config": dict(model.config), "model": state,
                   "model_sha256": weights_digest(state), "train": dict(record)}
-    with atomic_write(path) as tmp:
+    with atomic_write(path, "checkpoint") as tmp:
         torch.save(checkpoint, tmp)
 
 

@@ -26,8 +26,8 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
 from .errors import UserError
-from .files import file_sha256
-from .imaging import load_image, open_image, unit_to_signed
+from .files import file_sha256, special_kind
+from .imaging import load_image, unit_to_signed
 
 # A folder is decoded once, up front, into memory when its images fit in this many bytes;
 # a bigger one is read file by file as the batches need them.
@@ -63,6 +63,10 @@ def list_images(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]  # .git, .ipynb_checkpoints, ...
         found += [os.path.join(root, name) for name in files
                   if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions]
+    for path in found:  # reading a FIFO waits forever for a writer; a device never ends
+        kind = special_kind(path)
+        if kind is not None:
+            raise UserError(f"--image_dir: {path!r} is {kind}, not an image file (move it out of {folder!r})")
     # sorted by the path inside the folder, so the order does not depend on the file system
     return sorted(found, key=lambda path: os.path.relpath(path, folder).split(os.sep))
 
@@ -82,25 +86,27 @@ class ImageFiles(Dataset):
     """Image files as a Dataset: item i is paths[i] as a (3, size, size) float32 tensor in [-1, 1].
 
     Each file goes through imaging.load_image (upright, RGB, centre square, resized), so mixed
-    sizes and modes (grayscale, RGBA, palette, 16-bit) all become the same kind of tensor. When
-    they fit in CACHE_BYTES the files are decoded once, here, which also finds an unreadable file
-    before training starts; otherwise each is decoded when a batch needs it.
+    sizes and modes (grayscale, RGBA, palette, 16-bit) all become the same kind of tensor. Every
+    file is decoded once, here, so that an unreadable or truncated one is named before training
+    starts, not hours into it. When the decoded images fit in CACHE_BYTES they are kept; otherwise
+    each is decoded again when a batch needs it.
     """
 
     def __init__(self, paths, size, warn=None, cache_bytes=CACHE_BYTES):
         self.paths, self.size = list(paths), size
-        self.images = None  # (N, 3, size, size) when decoded up front
-        if len(self.paths) * 3 * size * size * 4 <= cache_bytes:
-            enlarged = []  # files smaller than size, which load_image reports one by one
-            self.images = torch.stack([load_image(path, size, warn=enlarged.append)[0] for path in self.paths])
-            if len(enlarged) == 1 and warn is not None:
-                warn(enlarged[0])
-            elif enlarged and warn is not None:
-                warn(f"{len(enlarged)} of the {len(self.paths)} images are smaller than {size}x{size} px and "
-                     f"are enlarged, so they will look soft ({enlarged[0]})")
-        else:
-            for path in self.paths:  # check that each opens; decoding waits for its batch
-                _check_opens(path)
+        keep = len(self.paths) * 3 * size * size * 4 <= cache_bytes
+        enlarged = []  # files smaller than size, which load_image reports one by one
+        kept = []
+        for path in self.paths:  # streaming: where they are not kept, each decoded image is dropped at once
+            image = load_image(path, size, warn=enlarged.append)[0]
+            if keep:
+                kept.append(image)
+        self.images = torch.stack(kept) if keep else None  # (N, 3, size, size) when kept in memory
+        if len(enlarged) == 1 and warn is not None:
+            warn(enlarged[0])
+        elif enlarged and warn is not None:
+            warn(f"{len(enlarged)} of the {len(self.paths)} images are smaller than {size}x{size} px and "
+                 f"are enlarged, so they will look soft ({enlarged[0]})")
 
     def __len__(self):
         return len(self.paths)
@@ -137,12 +143,6 @@ class LabelledImages(Dataset):
 
     def __getitem__(self, index):
         return self.dataset[index], self.labels[index]
-
-
-def _check_opens(path):
-    """Raise UserError unless ``path`` opens as an image (Pillow's verify(): the header and, for PNG, the checksums)."""
-    with open_image(path) as img:
-        img.verify()
 
 
 def dataset_digest(root, paths):

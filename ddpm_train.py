@@ -39,8 +39,9 @@ import sys
 
 import torch
 
-from ddpm.cli import (MAX_SEED, ArgumentParser, add_device_argument, below_one, channel_multipliers, fraction,
-                      int_in_range, keep_freed_memory, pick_device, positive_float, run, say, stop_on_sigint, warn)
+from ddpm.cli import (EXIT_INTERRUPTED, MAX_SEED, ArgumentParser, add_device_argument, below_one,
+                      channel_multipliers, fraction, int_in_range, keep_freed_memory, pick_device, positive_float, run,
+                      say, stop_on_sigint, warn)
 from ddpm.data import (DIGIT_SPLITS, DIGITS_SIDE, TRAINING_HALVES, DigitsData, TrainingData, check_same_data,
                        choose_images)
 from ddpm.diffusion import DEFAULT_MAX_NOISE, NoiseSchedule
@@ -49,7 +50,8 @@ from ddpm.errors import UserError
 from ddpm.files import check_writable
 from ddpm.guidance import LABEL_DROPOUT
 from ddpm.precision import add_precision_argument, check_precision
-from ddpm.training import WARMUP_STEPS, NonFiniteLoss, Trainer, rank_seed
+from ddpm.machine import available_memory
+from ddpm.training import WARMUP_STEPS, NonFiniteLoss, Trainer, rank_seed, step_activation_bytes
 from ddpm.training_run import (EVAL_T, SCRIPT, RunRecord, companion_paths, continue_from, keep_another_models,
                                open_snapshot)
 from models.unet_model import UNet, check_image_size
@@ -60,7 +62,6 @@ IMAGE_DEFAULTS = {"max_noise": DEFAULT_MAX_NOISE, "batch_size": 1, "ema_decay": 
 # The shipped digits at 28 px: three levels (28 -> 14 -> 7), self-attention at 7 x 7, and the rest of the recipe
 # of model_ckpt/digits_unet.pth
 DIGITS_DEFAULTS = {"channel_mults": [1, 2, 4], "attention": True, "batch_size": 64, "train_steps": 2500, "lr": 2e-3}
-EXIT_INTERRUPTED = 130  # the shell's code for "stopped by Ctrl-C"
 MODEL_FOLDER = "model_ckpt"  # where a picture's model goes by default: <folder>/<image stem>_unet.pth
 
 
@@ -207,6 +208,22 @@ def new_model(args, classes=None):
     return model
 
 
+def check_step_fits(model, args, device):
+    """Refuse, before any work, a batch whose training step needs more memory than the machine has left.
+
+    Left to find out, the CPU run would be killed by the kernel part-way through the first step (no error,
+    no line), or die in an allocation traceback. Under torchrun the processes on the CPU share this machine's
+    memory, so it is the whole batch that must fit; on GPUs each process has its own, for its share.
+    """
+    world_size = rank_and_world_size()[1]
+    batch = args.batch_size if device.type == "cpu" else -(-args.batch_size // world_size)
+    needed, have = step_activation_bytes(model, batch, args.img_size), available_memory(device)
+    if have is not None and needed > have:
+        raise UserError(f"a training step of --batch_size {args.batch_size} at {args.img_size} px keeps about "
+                        f"{needed / 2**30:.1f} GiB for its backward pass, and the {device.type} has "
+                        f"{have / 2**30:.1f} GiB available: try a smaller --batch_size or --img_size")
+
+
 def make_trainer(args, model, data, dataset, device, snapshot):
     """A Trainer for a new run, or one that continues the run in ``snapshot``."""
     rank = rank_and_world_size()[0]
@@ -259,6 +276,7 @@ def main():
     chosen_path = args.model_save_path is not None  # typed, or the resumed run's
     paths, data = outputs_and_data(args)
     model = model or new_model(args, data.classes)
+    check_step_fits(model, args, device)
     dataset = read_data(args, data, snapshot, chosen_path)
     record = RunRecord(args, device, data, dataset, earlier=snapshot["train"] if snapshot else None)
     # channels_last lets the CPU and GPU convolution kernels skip layout shuffles
@@ -326,4 +344,4 @@ def finish(args, trainer, record, paths):
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, memory_hint="try a smaller --batch_size or --img_size (or a narrower network: --base_channels)")

@@ -9,8 +9,10 @@ import ctypes
 import gc
 import math
 import platform
+import re
 import signal
 import sys
+import time
 from contextlib import contextmanager
 
 import torch
@@ -45,11 +47,29 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(**kwargs)
 
     def error(self, message):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
+        fail(f"error: {message} (see --help)")
+
+
+# Under torchrun, how long a process other than 0 waits, after an error, for process 0 to report it.
+OTHERS_WAIT_S = 10
+
+
+def fail(line, status=2):
+    """Print ``line`` on stderr and exit with ``status``: once, however many processes torchrun started.
+
+    Under torchrun every process meets the same mistake. Process 0 says so and exits; the launcher then
+    stops the others. Were another process to exit first, the launcher would stop process 0 before it
+    could print, so the others wait a little first, and print the line themselves only if process 0 is
+    still running by then (the mistake was theirs alone).
+    """
+    if not is_main_process():
+        time.sleep(OTHERS_WAIT_S)
+    print(line, file=sys.stderr)
+    sys.exit(status)
 
 
 MAX_SEED = 2**32 - 1
+EXIT_INTERRUPTED = 130  # the shell's code for "stopped by Ctrl-C"
 
 
 def int_in_range(low, high):
@@ -178,7 +198,7 @@ def stop_on_sigint(trainer):
         if trainer.stop_requested:
             raise KeyboardInterrupt
         trainer.request_stop()
-        if not trainer.stopping:  # under torchrun, the processes may have agreed to stop already
+        if not trainer.stopping and is_main_process():  # under torchrun: once, and not after they agreed to stop
             print("\nstopping after this step to save a snapshot (Ctrl-C again to quit without saving)",
                   file=sys.stderr)
 
@@ -213,10 +233,28 @@ def keep_freed_memory():
         pass
 
 
-def run(main):
+def is_out_of_memory(exc):
+    """Whether ``exc`` is an allocation that failed: torch.OutOfMemoryError on a GPU, a RuntimeError on the CPU."""
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text
+
+
+def out_of_memory_message(exc, hint):
+    """The one line for a failed allocation: how much was asked for, where known, and what to make smaller."""
+    asked = re.search(r"tried to allocate ([0-9.]+) ?(bytes|[KMGT]iB)", str(exc), re.IGNORECASE)
+    if asked is None:
+        return f"out of memory; {hint}"
+    size = float(asked.group(1)) / (2**30 if asked.group(2) == "bytes" else 1)
+    unit = "GiB" if asked.group(2) == "bytes" else asked.group(2)
+    return f"out of memory (one block of {size:.2f} {unit} could not be had); {hint}"
+
+
+def run(main, memory_hint="try a smaller image or batch"):
     """Call main(); turn a UserError into 'error: ...' on stderr and exit status 2.
 
-    A Ctrl-C that main() does not handle itself ends quietly with status 130.
+    A failed allocation becomes one such line too, with ``memory_hint`` (which flags to make smaller);
+    nothing has been written then that was not whole before. A Ctrl-C that main() does not handle itself
+    ends quietly with status 130.
     """
     # Keep the cycle collector off the ~10^5 objects that importing torch and matplotlib made (they live until
     # exit): every script measured runs 7-15% faster (benchmarks/process_tuning.json).
@@ -224,9 +262,10 @@ def run(main):
     try:
         main()
     except UserError as exc:
-        if is_main_process():  # under torchrun every process meets the same mistake; one says so
-            print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"error: {exc}")
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one
+        if not is_out_of_memory(exc):
+            raise
+        fail(f"error: {out_of_memory_message(exc, memory_hint)}")
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        fail("interrupted", EXIT_INTERRUPTED)

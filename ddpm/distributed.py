@@ -55,7 +55,25 @@ def wait_for_everyone():
         dist.barrier()
 
 
+def main_process_outcome(failure):
+    """Process 0's failure message (None: it succeeded), made known to every process.
+
+    Only process 0 writes files. When its write fails, the others must stop too, with the same
+    one-line error, instead of waiting for it at the next step and dying with a traceback.
+    Every process must call this at the same point.
+    """
+    if not dist.is_initialized():
+        return failure
+    shared = [failure]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 def launcher(script):
     """How ``script`` was started, as a user would type it: python script, or torchrun --nproc_per_node K script."""
-    world_size = rank_and_world_size()[1]
-    return (["python"] if world_size == 1 else ["torchrun", "--nproc_per_node", str(world_size)]) + [script]
+    return launcher_for(rank_and_world_size()[1], script)
+
+
+def launcher_for(processes, script="ddpm_train.py"):
+    """How to start ``script`` in ``processes`` processes: python script, or torchrun --nproc_per_node K script."""
+    return (["python"] if processes == 1 else ["torchrun", "--nproc_per_node", str(processes)]) + [script]

@@ -1,4 +1,5 @@
-"""Which machine a time was measured on: a time means little without the CPU that gave it."""
+"""Which machine a time was measured on (a time means little without the CPU that gave it), and how much memory
+a run on it has left."""
 
 import os
 import platform
@@ -39,3 +40,20 @@ def describe():
     AVX2), and with them in speed."""
     return {"cpu": cpu_name(), "cpu_flags": cpu_speed_flags(), "cores": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": str(torch.__version__)}
+
+
+def available_memory(device):
+    """Bytes that a run on ``device`` can still have: the GPU's free memory, or the RAM that Linux says is
+    available (MemAvailable: free memory plus caches it can drop). None where this cannot be known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

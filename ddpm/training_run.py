@@ -17,7 +17,7 @@ import torch
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .data import data_identity
 from .diffusion import denoise, seeded_noise
-from .distributed import is_main_process, launcher
+from .distributed import is_main_process, launcher, launcher_for, main_process_outcome, rank_and_world_size
 from .errors import UserError
 from .figures import save_loss_by_noise, save_loss_curve, save_quality_curve
 from .files import write_json
@@ -52,7 +52,12 @@ def companion_paths(model_save_path):
 def open_snapshot(args, typed, device):
     """For --resume: load the snapshot, take the run's settings from it into ``args``, and check that the
     flags the user typed (``typed``) agree. Returns (the network with the weights training continues, the
-    snapshot)."""
+    snapshot).
+
+    It resumes from any working directory: a folder or image typed again is judged by what it holds (the
+    digest of its files, checked later), not by how its path is spelt; one left out is looked for where the
+    run found it; and the finished model goes beside the snapshot, as the run meant it to.
+    """
     model, _, checkpoint = load_checkpoint(args.resume, device, ema=False)  # the trained weights, not the EMA
     if "resume" not in checkpoint:
         raise UserError(f"{args.resume!r} is a finished model, not a snapshot of a run in progress: "
@@ -61,15 +66,56 @@ def open_snapshot(args, typed, device):
     missing = [name for name in (*RUN_SETTINGS, "model_save_path") if name not in saved]
     if missing:
         raise UserError(f"snapshot {args.resume!r} does not record its run's settings ({', '.join(missing)})")
+    processes, here = checkpoint["resume"].get("world_size", 1), rank_and_world_size()[1]
+    if processes != here:  # checked first: each process's random state, and its share of a batch, depend on it
+        raise UserError(f"snapshot {args.resume!r} is of a run in {processes} process{'es' if processes > 1 else ''}, "
+                        f"and this is {here}: continue it exactly with "
+                        f"{' '.join(launcher_for(processes))} --resume {args.resume}")
     saved = {**LATER_SETTINGS, **saved}
+    saved.update(_data_found_from_here(saved, checkpoint["data"]))
     for name in (*RUN_SETTINGS, *LATER_SETTINGS):
+        if name in typed and name in PATH_SETTINGS and (getattr(args, name) is None) == (saved[name] is None):
+            continue  # the image or folder as found from here: the check of its bytes says if it is the run's
         if name in typed and getattr(args, name) != saved[name]:
             raise UserError(f"--{name} {getattr(args, name)} disagrees with the run being resumed, which used "
                             f"{saved[name]} (leave --{name} out to continue that run)")
         setattr(args, name, saved[name])
     if "model_save_path" not in typed:
-        args.model_save_path = saved["model_save_path"]
+        args.model_save_path = _model_beside(args.resume, saved["model_save_path"])
     return model, checkpoint
+
+
+PATH_SETTINGS = ("image_path", "image_dir")  # the data's place: many paths, relative or not, spell the same one
+
+
+def _same_place(typed, saved):
+    """Whether two spellings of a path (relative, absolute, with a trailing slash) name the same file or folder."""
+    if typed is None or saved is None:
+        return typed is saved
+    if os.path.exists(typed) and os.path.exists(saved):
+        return os.path.samefile(typed, saved)
+    return os.path.normpath(os.path.abspath(typed)) == os.path.normpath(os.path.abspath(saved))
+
+
+def _data_found_from_here(saved, data):
+    """Where the resumed run's folder is from this working directory: as typed when the run started, if that
+    is still the folder, else where it was (the absolute path the data record keeps). Returns the settings to
+    change."""
+    folder, absolute = saved.get("image_dir"), data.get("image_dir_absolute")
+    if folder is None or absolute is None or not os.path.isdir(absolute):
+        return {}
+    if os.path.isdir(folder) and os.path.samefile(folder, absolute):
+        return {}
+    return {"image_dir": absolute}
+
+
+def _model_beside(snapshot_path, saved_model_path):
+    """The resumed run's checkpoint path: beside the snapshot, which was named after it (model.resume.pth for
+    model.pth), wherever the command is run from; the recorded path where the snapshot has been renamed."""
+    here = os.path.join(os.path.dirname(snapshot_path), os.path.basename(saved_model_path))
+    if os.path.basename(companion_paths(here)["snapshot"]) != os.path.basename(snapshot_path):
+        return saved_model_path
+    return saved_model_path if _same_place(here, saved_model_path) else here
 
 
 def continue_from(trainer, snapshot, path):
@@ -175,8 +221,17 @@ class RunRecord:
         """Write a checkpoint of the run. Every process must call it (the random states are gathered
         from all); process 0 alone writes."""
         resume = trainer.state_dict() if resumable else None
-        if not is_main_process():
-            return
+        failure = None
+        if is_main_process():
+            try:
+                self._write(path, trainer, resume)
+            except UserError as exc:  # a full disk, say: every process stops, with process 0's one line
+                failure = str(exc)
+        failure = main_process_outcome(failure)
+        if failure is not None:
+            raise UserError(failure)
+
+    def _write(self, path, trainer, resume):
         save_checkpoint(
             path, trainer.model, trainer.schedule,
             data=self.data.record,

@@ -224,7 +224,8 @@ class UNet(nn.Module):
     def output_layer(self, h):
         """GroupNorm -> SiLU -> conv3x3 down to the image's channels: x0_hat, computed in float32 also
         inside a bf16 autocast region, since it is the prediction itself (ddpm/precision.py)."""
-        if self.output_in_fp32 and torch.is_autocast_enabled(h.device.type):
+        # (tensors on the "meta" device, which have shapes but no data, have no autocast: a step is sized on them)
+        if self.output_in_fp32 and h.device.type != "meta" and torch.is_autocast_enabled(h.device.type):
             with torch.autocast(h.device.type, enabled=False):
                 return self.conv_out(F.silu(self.norm_out(h.float())))
         return self.conv_out(F.silu(self.norm_out(h)))

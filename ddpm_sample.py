@@ -46,7 +46,7 @@ from ddpm.data import DIGIT_SPLITS, DIGITS_LABELS, DIGITS_SHEET, digits, other_h
 from ddpm.diffusion import NUM_TIMESTEPS, generate
 from ddpm.errors import UserError
 from ddpm.figures import save_image_grid, save_nearest_pairs
-from ddpm.files import check_writable, write_json
+from ddpm.files import check_outputs, staged_outputs, write_json
 from ddpm.guidance import DEFAULT_GUIDANCE, Guided, balanced_labels
 from ddpm.precision import add_precision_argument, autocast, check_precision
 from ddpm.imaging import save_image
@@ -87,17 +87,39 @@ def parse_args(argv=None):
 
 
 def training_images(trained_on):
-    """The images the model was trained on, if they are at hand and unchanged: (Dataset, names), else None.
+    """The images the model was trained on, if they are at hand and unchanged: (Dataset, names, TrainingData),
+    else None.
 
     ``trained_on`` is the checkpoint's record: a folder's files and their digest, or one image and its
     SHA-256. Where the images cannot be used, a warning says why.
     """
     try:
         data = recorded_training_data(trained_on)
-        return data.dataset(), data.names
+        return data.dataset(), data.names, data
     except UserError as exc:
         warn(f"{exc}: no nearest-neighbour comparison")
         return None
+
+
+def check_output_dir(output_dir, names, model_path, training):
+    """Refuse, before sampling, an --output_dir whose files would replace a file the run reads (the checkpoint,
+    the judge, the digits, a training image), or that lies in the training folder: the samples would become
+    training images of the next run there."""
+    read = [model_path, JUDGE_PATH, DIGITS_SHEET, DIGITS_LABELS]
+    if training is not None:
+        data = training[2]
+        read += data.paths
+        folder = data.image_dir
+        if folder is not None and _inside(output_dir, folder):
+            raise UserError(f"--output_dir {output_dir!r} lies in the training folder {folder!r}: the samples "
+                            "would join the training images (choose a folder outside it)")
+    check_outputs([os.path.join(output_dir, name) for name in names], "--output_dir", inputs=read)
+
+
+def _inside(path, folder):
+    """Whether ``path`` (a folder, made yet or not) is ``folder`` or lies somewhere below it."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
 
 
 def requested_labels(args, model, classes):
@@ -190,29 +212,36 @@ def main():
         names = names[args.num_samples :]
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UserError(f"--output_dir {output_dir!r} is a file, not a folder")
-    for name in names:
-        check_writable(os.path.join(output_dir, name), "--output_dir",
-                       inputs=[args.model_path, JUDGE_PATH, DIGITS_SHEET, DIGITS_LABELS])
     classes = checkpoint["data"].get("classes")
     labels = requested_labels(args, model, classes)
     classifier = load_judge() if "digits" in checkpoint["data"] else None  # read now: a missing one costs nothing
+    training = training_images(checkpoint["data"])  # read before sampling, and never written over
+    check_output_dir(output_dir, names, args.model_path, training)
 
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     sampler = model if labels is None else Guided(model, labels, guidance)  # called as model(x_t, t)
     with autocast(args.precision, device):
         samples = generate(sampler, schedule, (args.num_samples, 3, size, size), args.steps, args.eta, args.seed,
                            device).cpu()
+    with staged_outputs(output_dir, "--output_dir") as place:  # every file, or none
+        write_outputs(args, samples, labels, classes, guidance, size, device, training, classifier, checkpoint,
+                      place)
+    print(f"saved {output_dir}/" + ("grid.png" if args.summary_only else
+                                     f"sample_000.png ... {names[args.num_samples - 1]}, grid.png")
+          + (", nearest.png" if training is not None else "") + " and samples.json")
+
+
+def write_outputs(args, samples, labels, classes, guidance, size, device, training, classifier, checkpoint, place):
+    """The samples, grid.png, nearest.png and samples.json, each to ``place(name)``, with what they say printed."""
     if not args.summary_only:
         for i, sample in enumerate(samples):
-            save_image(sample, os.path.join(output_dir, names[i]))
-    save_grid(samples, labels, classes, args.label, os.path.join(output_dir, "grid.png"))
+            save_image(sample, place(f"sample_{i:03d}.png"))
+    save_grid(samples, labels, classes, args.label, place("grid.png"))
     drawn = "" if labels is None else (f" of class {classes[int(labels[0])]!r}" if args.label is not None else
                                        f", every class in turn ({len(classes)} classes)")
     print(f"{args.num_samples} samples{drawn} of {size}x{size} px from pure noise in {args.steps} steps"
           + (f" (eta={args.eta:g})" if args.eta else "") + (f", guidance S = {guidance:g}" if labels is not None else "")
           + f", seed {args.seed}, on {device}")
-    print(f"saved {output_dir}/" + ("grid.png" if args.summary_only else
-                                     f"sample_000.png ... {names[args.num_samples - 1]} and grid.png"))
 
     summary = {"model_path": args.model_path, "num_samples": args.num_samples, "steps": args.steps,
                "eta": args.eta, "seed": args.seed, "img_size": size, "device": str(device), "precision": args.precision,
@@ -221,9 +250,8 @@ def main():
                "samples": [{"file": None if args.summary_only else f"sample_{i:03d}.png",
                             **({} if labels is None else {"class": classes[int(labels[i])]})}
                            for i in range(args.num_samples)]}
-    training = training_images(checkpoint["data"])
     if training is not None:
-        dataset, files = training
+        dataset, files, _ = training
         nearest, d1, d2, ratio = nearest_training_images(samples, dataset)
         memorized = ratio < MEMORIZED_RATIO
         for entry, i, a, b, r, m in zip(summary["samples"], nearest.tolist(), d1.tolist(), d2.tolist(), ratio.tolist(),
@@ -235,21 +263,20 @@ def main():
         pairs = [(samples[i], dataset[int(nearest[i])],
                   f"d1/d2 = {ratio[i]:.2f}" + (" (copy)" if memorized[i] else ""))
                  for i in range(min(args.num_samples, MAX_PAIRS_SHOWN))]
-        save_nearest_pairs(pairs, os.path.join(output_dir, "nearest.png"),
+        save_nearest_pairs(pairs, place("nearest.png"),
                            f"each sample (left) beside its nearest of the {len(dataset)} training image"
                            f"{'s' if len(dataset) > 1 else ''} (right); a copy has d1/d2 < 1/3")
         rule = ("training image than to any other" if len(dataset) > 1 else
                 "training image than that image lies to a flat image of its own colour")
         print(f"memorised: {int(memorized.sum())} of {args.num_samples} ({100 * fraction:.0f}%) lie 3x closer to their "
-              f"{rule} (d1/d2 < 1/3; median d1/d2 {ratio.median():.2f}); saved nearest.png")
+              f"{rule} (d1/d2 < 1/3; median d1/d2 {ratio.median():.2f})")
         if classifier is not None:
             quality = judge_digits(classifier, samples, checkpoint["data"]["digits"], dataset, d1,
                                    asked=labels)
             if quality is not None:
                 summary["quality"] = quality
-    write_json(os.path.join(output_dir, "samples.json"), summary)
-    print(f"saved {output_dir}/samples.json")
+    write_json(place("samples.json"), summary)
 
 
 if __name__ == "__main__":
-    run(main)
+    run(main, memory_hint="try fewer --num_samples at a time")

@@ -24,7 +24,7 @@ from torchvision.transforms.functional import gaussian_blur
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 from ddpm.cli import ArgumentParser, int_in_range, positive_float, run  # noqa: E402
-from ddpm.data import digits  # noqa: E402
+from ddpm.data import DIGITS_LABELS, DIGITS_SHEET, digits  # noqa: E402
 from ddpm.files import check_writable, write_json  # noqa: E402
 from ddpm.machine import describe  # noqa: E402
 from ddpm.quality import JUDGE_NAME, frechet_distance, judge, judge_input, precision_recall, save_judge  # noqa: E402
@@ -111,7 +111,7 @@ def calibration(model, held_out, training):
 def main():
     args = parse_args()
     for path in (args.model_path, args.json_path):
-        check_writable(path, "output")
+        check_writable(path, "output", inputs=[DIGITS_SHEET, DIGITS_LABELS])  # the digits it learns from
     began = time.perf_counter()
     s1, s1_labels = digits("S1")
     s2, s2_labels = digits("S2")

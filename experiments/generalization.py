@@ -39,7 +39,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 from ddpm.cli import ArgumentParser, channel_multipliers, int_in_range, positive_float, run, warn  # noqa: E402
-from ddpm.data import DIGIT_SPLITS, digits  # noqa: E402
+from ddpm.data import DIGIT_SPLITS, DIGITS_LABELS, DIGITS_SHEET, digits  # noqa: E402
 from ddpm.diffusion import NoiseSchedule, generate  # noqa: E402
 from ddpm.figures import save_generalization_curves, save_generalization_grid  # noqa: E402
 from ddpm.files import check_writable, write_json  # noqa: E402
@@ -47,7 +47,7 @@ from ddpm.machine import describe  # noqa: E402
 from ddpm.precision import add_precision_argument, autocast, check_precision  # noqa: E402
 from ddpm.metrics import (MEMORIZED_RATIO, cosine_similarity, nearest_cosine_similarity,  # noqa: E402
                           nearest_training_images)
-from ddpm.quality import JUDGE_NAME, digit_quality, load_judge  # noqa: E402
+from ddpm.quality import JUDGE_NAME, JUDGE_PATH, digit_quality, load_judge  # noqa: E402
 from ddpm.training import Trainer  # noqa: E402
 from models.unet_model import UNet  # noqa: E402
 
@@ -151,7 +151,7 @@ def main():
     args = parse_args()
     check_precision(args.precision, torch.device("cpu"), warn)
     for path in (args.figure_path, args.grid_path, args.json_path):
-        check_writable(path, "output")
+        check_writable(path, "output", inputs=[DIGITS_SHEET, DIGITS_LABELS, JUDGE_PATH])  # what it reads
     classifier = load_judge()  # before the long work: a missing judge costs nothing
     held_out = digits("held_out")[0]
     began = time.perf_counter()

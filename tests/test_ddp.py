@@ -126,6 +126,9 @@ def test_ctrl_c_stops_every_process_at_the_same_step_and_resume_ends_as_one_proc
     snapshot = out / "m.resume.pth"
     assert snapshot.exists() and not (out / "m.pth").exists(), err[-3000:]
     assert "continue with: torchrun --nproc_per_node 2 ddpm_train.py --resume" in err
+    assert err.count("stopping after this step") == 1  # one voice, though every process got the signal
+    # torchrun itself then ends with its own report of the signal, and status 1 (docs/reference.md shows it)
+    assert process.returncode == 1 and "SignalException" in err
     state = torch.load(snapshot, weights_only=True)
     stopped_at = state["train"]["step"]
     assert 0 < stopped_at < 200 and len(state["resume"]["random_states"]) == 2

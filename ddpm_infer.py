@@ -1,7 +1,8 @@
 """Noise the image, denoise it with the trained U-Net, and show the three side by side.
 
     python ddpm_infer.py                       # the shipped model and image, t = 500 (w = 0.40)
-    python ddpm_infer.py --model_path model_ckpt/my_photo_unet.pth   # your own model, on its own picture
+    python ddpm_infer.py --model_path model_ckpt/my_photo_unet.pth   # your own model, on its own picture:
+                                               # its figure goes to runs/my_photo_unet/inference_result.png
     python ddpm_infer.py --steps 10            # denoise in 10 steps; also draws the trajectory
     python ddpm_infer.py --sweep               # also sweep the noise level from w = 0 to 1
     python ddpm_infer.py --model_path model_ckpt/demo_unet_full_noise.pth --t 1000 --steps 50
@@ -19,8 +20,8 @@ import os
 import torch
 
 from ddpm.checkpoint import load_checkpoint
-from ddpm.cli import (MAX_SEED, ArgumentParser, add_device_argument, int_in_range, pick_device, run, warn,
-                      zero_to_one)
+from ddpm.cli import (MAX_SEED, ArgumentParser, add_device_argument, int_in_range, model_folder, pick_device,
+                      route_outputs, run, same_file, warn, zero_to_one)
 from ddpm.data import recorded_training_data
 from ddpm.diffusion import NUM_TIMESTEPS, denoise, noise_stream, timestep_grid
 from ddpm.errors import UserError
@@ -30,6 +31,10 @@ from ddpm.imaging import load_image, save_image
 from ddpm.metrics import psnr, ssim
 from ddpm.precision import add_precision_argument, autocast, check_precision
 
+SHIPPED_MODEL = "model_ckpt/demo_unet.pth"
+# the shipped model's figures; another model's go to runs/<checkpoint name>/, under the same names
+SHIPPED_FIGURES = {"result_path": "images/inference_result.png", "trajectory_path": "images/denoise_trajectory.png",
+                   "sweep_path": "images/noise_sweep.png"}
 SWEEP_WEIGHTS = [i / 10 for i in range(11)]  # w = 0, 0.1, ..., 1
 SWEEP_STEPS = 10  # the sweep's multi-step curve, unless --steps says otherwise
 
@@ -41,8 +46,10 @@ def parse_args(argv=None):
     parser.add_argument("--image_path", default=None,
                         help="the ground-truth image (default: the one the model was trained on, as its "
                              "checkpoint records it)")
-    parser.add_argument("--model_path", default="model_ckpt/demo_unet.pth", help="checkpoint written by ddpm_train.py")
-    parser.add_argument("--result_path", default="images/inference_result.png", help="where to write the figure")
+    parser.add_argument("--model_path", default=SHIPPED_MODEL, help="checkpoint written by ddpm_train.py")
+    parser.add_argument("--result_path", default=None,
+                        help=f"where to write the figure (default: {SHIPPED_FIGURES['result_path']} for the shipped "
+                             "model, runs/<checkpoint name>/inference_result.png for any other)")
     parser.add_argument("--output_path", default=None,
                         help="also save the denoised image alone as a PNG here (default: not saved)")
     parser.add_argument("--t", type=int_in_range(0, NUM_TIMESTEPS), default=500,
@@ -50,13 +57,16 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int_in_range(1, NUM_TIMESTEPS), default=None,
                         help="denoising steps from t down to 0, at most t (default: 1, the original one-step "
                              f"denoising; the sweep's multi-step curve uses {SWEEP_STEPS})")
-    parser.add_argument("--trajectory_path", default="images/denoise_trajectory.png",
-                        help="where the trajectory figure goes when --steps is above 1")
+    parser.add_argument("--trajectory_path", default=None,
+                        help="where the trajectory figure goes when --steps is above 1 (default: "
+                             f"{SHIPPED_FIGURES['trajectory_path']}, or runs/<checkpoint name>/ for another model)")
     parser.add_argument("--gif", default=None, metavar="PATH",
                         help="also save the trajectory as an animated GIF here (default: not saved)")
     parser.add_argument("--sweep", action="store_true",
                         help="also denoise at every noise level w = 0, 0.1, ..., 1 and plot PSNR against w")
-    parser.add_argument("--sweep_path", default="images/noise_sweep.png", help="where the sweep figure goes")
+    parser.add_argument("--sweep_path", default=None,
+                        help=f"where the sweep figure goes (default: {SHIPPED_FIGURES['sweep_path']}, or "
+                             "runs/<checkpoint name>/ for another model)")
     parser.add_argument("--eta", type=zero_to_one, default=0.0,
                         help="fresh noise per step: 0 is the deterministic DDIM step, 1 is DDPM's ancestral "
                              "sampling (ddpm/diffusion.py, ddim_step)")
@@ -64,7 +74,9 @@ def parse_args(argv=None):
                         help="seed for the noise eps, and for the fresh noise of --eta above 0")
     add_device_argument(parser)
     add_precision_argument(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    route_outputs(args, SHIPPED_FIGURES, same_file(args.model_path, SHIPPED_MODEL), model_folder(args.model_path))
+    return args
 
 
 def main():

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from benchmarks.benchmark import write_results  # noqa: E402
 from ddpm.checkpoint import load_checkpoint  # noqa: E402
-from ddpm.cli import ArgumentParser, int_in_range, run  # noqa: E402
+from ddpm.cli import RUNS_FOLDER, ArgumentParser, at_defaults, int_in_range, route_outputs, run  # noqa: E402
 from ddpm.diffusion import NoiseSchedule, generate  # noqa: E402
 from ddpm.errors import UserError  # noqa: E402
 from ddpm.figures import save_triptych  # noqa: E402
@@ -55,6 +55,9 @@ VARIANTS = {  # name -> the ddpm_train.py flags that build it
 }
 SAMPLE_STEPS = (1, 50, 200)
 NOISE_SEED = 0
+# what the shipped run writes; a run with other settings writes the same names in OWN_FOLDER
+SHIPPED_OUTPUTS = {"json": "benchmarks/global_context.json", "figure": "images/first_prediction.png"}
+OWN_FOLDER = os.path.join(RUNS_FOLDER, "global_context")
 
 
 def train_variant(name, flags, train_steps, out_dir):
@@ -113,10 +116,14 @@ def parse_args(argv=None):
     parser.add_argument("--out_dir", default="model_ckpt/global_context", help="where the variants' checkpoints go")
     parser.add_argument("--rounds", type=int_in_range(1, 100), default=6, help="alternating timing rounds")
     parser.add_argument("--timing_steps", type=int_in_range(1, 100), default=3, help="training steps per variant per round")
-    parser.add_argument("--json", default="benchmarks/global_context.json", help="where to write the results")
-    parser.add_argument("--figure", default="images/first_prediction.png",
-                        help="the first prediction from pure noise of each variant")
+    parser.add_argument("--json", default=None,
+                        help=f"where to write the results (default: {SHIPPED_OUTPUTS['json']} for the shipped run, "
+                             f"every other setting at its default; {OWN_FOLDER}/ for any other)")
+    parser.add_argument("--figure", default=None,
+                        help=f"the first prediction from pure noise of each variant (default: "
+                             f"{SHIPPED_OUTPUTS['figure']}, or {OWN_FOLDER}/ as for --json)")
     args = parser.parse_args(argv)
+    route_outputs(args, SHIPPED_OUTPUTS, at_defaults(parser, args, ignore=(*SHIPPED_OUTPUTS, "out_dir")), OWN_FOLDER)
     names = [name.strip() for name in args.variants.split(",")]
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:

@@ -8,6 +8,7 @@ import argparse
 import ctypes
 import gc
 import math
+import os
 import platform
 import re
 import signal
@@ -155,6 +156,37 @@ def _parse(kind, text, description):
         return kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be {description}, got {text!r}") from None
+
+
+RUNS_FOLDER = "runs"  # where a learner's own runs write what the shipped runs write into images/ (git ignores it)
+
+
+def route_outputs(args, shipped, shipped_run, own_folder):
+    """Fill in each output flag left out (None): the shipped file for the run that made it, else a file of the
+    same name in ``own_folder`` (under runs/), so that a learner's run never replaces a shipped figure or record.
+
+    ``shipped`` maps each flag's name in ``args`` to its shipped path; ``shipped_run`` says whether this run is
+    the one that made them (the shipped model, or every setting at its default).
+    """
+    for name, path in shipped.items():
+        if getattr(args, name) is None:
+            setattr(args, name, path if shipped_run else os.path.join(own_folder, os.path.basename(path)))
+
+
+def at_defaults(parser, args, ignore=()):
+    """Whether every setting in ``args`` but those named in ``ignore`` is the parser's default: the shipped run."""
+    defaults = vars(parser.parse_args([]))
+    return all(value == defaults[name] for name, value in vars(args).items() if name not in ignore)
+
+
+def same_file(a, b):
+    """Whether two paths name one existing file."""
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def model_folder(model_path):
+    """runs/<checkpoint name>: where the figures of a model other than the shipped one go by default."""
+    return os.path.join(RUNS_FOLDER, os.path.splitext(os.path.basename(model_path))[0])
 
 
 def say(message, **kwargs):

@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from ddpm.cli import ArgumentParser, channel_multipliers, int_in_range, positive_float, run, warn  # noqa: E402
+from ddpm.cli import (RUNS_FOLDER, ArgumentParser, at_defaults, channel_multipliers, int_in_range,  # noqa: E402
+                      positive_float, route_outputs, run, warn)
 from ddpm.data import DIGIT_SPLITS, DIGITS_LABELS, DIGITS_SHEET, digits  # noqa: E402
 from ddpm.diffusion import NoiseSchedule, generate  # noqa: E402
 from ddpm.figures import save_generalization_curves, save_generalization_grid  # noqa: E402
@@ -54,6 +55,10 @@ from models.unet_model import UNet  # noqa: E402
 HALVES = {"A": "S1", "B": "S2"}  # model -> the half of the digits it learns
 SEEDS_SHOWN = 4  # starting noises per N in the grid figure
 MAX_N = len(DIGIT_SPLITS["S1"])
+# what the shipped experiment writes; a run with other settings writes the same names in OWN_FOLDER
+SHIPPED_OUTPUTS = {"figure_path": "images/generalization.png", "grid_path": "images/generalization_grid.png",
+                   "json_path": "images/generalization.json"}
+OWN_FOLDER = os.path.join(RUNS_FOLDER, "generalization")
 
 
 def parse_args(argv=None):
@@ -74,10 +79,12 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int_in_range(0, 2**32 - 1), default=0, help="seed for everything")
     parser.add_argument("--workers", type=int_in_range(1, 64), default=2, help="models trained at once")
     add_precision_argument(parser)
-    parser.add_argument("--figure_path", default="images/generalization.png")
-    parser.add_argument("--grid_path", default="images/generalization_grid.png")
-    parser.add_argument("--json_path", default="images/generalization.json")
+    for name, path in SHIPPED_OUTPUTS.items():
+        parser.add_argument(f"--{name}", default=None,
+                            help=f"(default: {path} for the shipped run, every other setting at its default; "
+                                 f"{OWN_FOLDER}/{os.path.basename(path)} for any other)")
     args = parser.parse_args(argv)
+    route_outputs(args, SHIPPED_OUTPUTS, at_defaults(parser, args, ignore=(*SHIPPED_OUTPUTS, "workers")), OWN_FOLDER)
     if not all(1 <= n <= MAX_N for n in args.num_images):
         parser.error(f"--num_images: each N must be from 1 to {MAX_N}")
     return args

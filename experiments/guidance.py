@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import torch  # noqa: E402
 
 from ddpm.checkpoint import load_checkpoint  # noqa: E402
-from ddpm.cli import ArgumentParser, guidance_scale, int_in_range, run, warn, zero_to_one  # noqa: E402
+from ddpm.cli import (RUNS_FOLDER, ArgumentParser, at_defaults, guidance_scale, int_in_range, route_outputs, run,  # noqa: E402
+                      warn, zero_to_one)
 from ddpm.data import digits, other_half  # noqa: E402
 from ddpm.diffusion import generate  # noqa: E402
 from ddpm.errors import UserError  # noqa: E402
@@ -43,6 +44,10 @@ from ddpm.metrics import MEMORIZED_RATIO, nearest_training_images  # noqa: E402
 from ddpm.precision import add_precision_argument, autocast, check_precision  # noqa: E402
 from ddpm.quality import JUDGE_NAME, JUDGE_PATH, digit_quality, judge_held_out_accuracy, load_judge  # noqa: E402
 
+# what the shipped sweep writes; a sweep with other settings, or of another model, writes the same names in OWN_FOLDER
+SHIPPED_OUTPUTS = {"figure_path": "images/guidance.png", "grid_path": "images/guidance_grid.png",
+                   "json_path": "images/guidance.json"}
+OWN_FOLDER = os.path.join(RUNS_FOLDER, "guidance")
 SHOWN_PER_CELL = 4  # samples of one class at one S in the grid figure
 
 
@@ -60,10 +65,13 @@ def parse_args(argv=None):
     parser.add_argument("--eta", type=zero_to_one, default=1.0, help="fresh noise per step (1: DDPM's sampler)")
     parser.add_argument("--seed", type=int_in_range(0, 2**32 - 1), default=0, help="the same noise at every S")
     add_precision_argument(parser)
-    parser.add_argument("--figure_path", default="images/guidance.png")
-    parser.add_argument("--grid_path", default="images/guidance_grid.png")
-    parser.add_argument("--json_path", default="images/guidance.json")
-    return parser.parse_args(argv)
+    for name, path in SHIPPED_OUTPUTS.items():
+        parser.add_argument(f"--{name}", default=None,
+                            help=f"(default: {path} for the shipped run, every other setting at its default; "
+                                 f"{OWN_FOLDER}/{os.path.basename(path)} for any other)")
+    args = parser.parse_args(argv)
+    route_outputs(args, SHIPPED_OUTPUTS, at_defaults(parser, args, ignore=SHIPPED_OUTPUTS), OWN_FOLDER)
+    return args
 
 
 def load_conditional_digits_model(path):

@@ -1,0 +1,61 @@
+"""No learner's run replaces a shipped file: a model other than the shipped one, or an experiment with other
+settings, writes its figures and records under runs/, and only the run that made a shipped file writes it."""
+
+import os
+import runpy
+
+import pytest
+
+from conftest import INFER, REPO, run_in_process
+
+EXPERIMENTS = os.path.join(REPO, "experiments")
+SCRIPTS = {"infer": INFER, "guidance": os.path.join(EXPERIMENTS, "guidance.py"),
+           "generalization": os.path.join(EXPERIMENTS, "generalization.py"),
+           "global_context": os.path.join(REPO, "benchmarks", "global_context.py")}
+
+
+def parse(script, *argv):
+    """The script's parse_args, called as its command line would be, without running it."""
+    return runpy.run_path(SCRIPTS[script])["parse_args"](list(argv))
+
+
+def test_the_shipped_model_writes_the_shipped_figures_and_any_other_its_own(monkeypatch):
+    monkeypatch.chdir(REPO)  # where the README's commands run
+    shipped = parse("infer")
+    assert (shipped.result_path, shipped.trajectory_path, shipped.sweep_path) == (
+        "images/inference_result.png", "images/denoise_trajectory.png", "images/noise_sweep.png")
+    for model in ("model_ckpt/my_photo_unet.pth", "model_ckpt/demo_unet_full_noise.pth"):
+        own = parse("infer", "--model_path", model)
+        folder = os.path.join("runs", os.path.splitext(os.path.basename(model))[0])
+        assert (own.result_path, own.trajectory_path, own.sweep_path) == (
+            os.path.join(folder, "inference_result.png"), os.path.join(folder, "denoise_trajectory.png"),
+            os.path.join(folder, "noise_sweep.png"))
+    typed = parse("infer", "--model_path", "model_ckpt/my_photo_unet.pth", "--result_path", "here.png")
+    assert typed.result_path == "here.png"  # a path the user gives is used as given
+
+
+@pytest.mark.parametrize("script, shipped, other, outputs", [
+    ("guidance", [], ["--scales", "0,1"], ("images/guidance.png", "images/guidance_grid.png", "images/guidance.json")),
+    ("generalization", ["--workers", "1"], ["--train_steps", "10"],
+     ("images/generalization.png", "images/generalization_grid.png", "images/generalization.json")),
+    ("global_context", ["--out_dir", "elsewhere"], ["--train_steps", "5"],
+     ("benchmarks/global_context.json", "images/first_prediction.png")),
+])
+def test_an_experiment_writes_its_shipped_record_only_with_the_shipped_settings(script, shipped, other, outputs):
+    args = vars(parse(script, *shipped))  # settings that do not change the numbers still make the shipped run
+    assert sorted(path for path in args.values() if path in outputs) == sorted(outputs)
+    args = vars(parse(script, *other))
+    own = sorted(path for path in args.values() if isinstance(path, str) and path.startswith("runs" + os.sep))
+    assert own == sorted(os.path.join("runs", script, os.path.basename(path)) for path in outputs)
+
+
+def test_a_learners_model_run_end_to_end_leaves_images_alone(tmp_path, tiny_checkpoint, tiny_image, monkeypatch,
+                                                             capsys):
+    status, out, err = run_in_process(INFER, "--model_path", tiny_checkpoint, "--image_path", tiny_image,
+                                      "--steps", 2, "--sweep",
+                                      monkeypatch=monkeypatch, capsys=capsys)
+    assert status == 0, err
+    assert sorted(os.listdir(tmp_path / "runs" / "tiny")) == ["denoise_trajectory.png", "inference_result.png",
+                                                              "noise_sweep.png"]
+    assert not (tmp_path / "images").exists()
+    assert "saved runs/tiny/inference_result.png" in out

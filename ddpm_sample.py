@@ -43,7 +43,7 @@ from ddpm.checkpoint import load_checkpoint
 from ddpm.cli import (MAX_SEED, ArgumentParser, add_device_argument, guidance_scale, int_in_range, keep_freed_memory,
                       pick_device, run, warn, zero_to_one)
 from ddpm.data import DIGIT_SPLITS, DIGITS_LABELS, DIGITS_SHEET, digits, other_half, recorded_training_data
-from ddpm.diffusion import NUM_TIMESTEPS, generate
+from ddpm.diffusion import NUM_TIMESTEPS, InBatches, generate
 from ddpm.errors import UserError
 from ddpm.figures import save_image_grid, save_nearest_pairs
 from ddpm.files import check_outputs, staged_outputs, write_json
@@ -56,6 +56,7 @@ from ddpm.quality import JUDGE_NAME, JUDGE_PATH, K_NEAREST, class_accuracy, digi
 
 MAX_PAIRS_SHOWN = 16  # nearest.png shows the first 16 samples
 MAX_GRID = 128  # grid.png shows at most the first 128, 16 to a row
+BATCH_SIZE = 128  # images per forward pass of the network, by default
 
 
 def parse_args(argv=None):
@@ -64,6 +65,9 @@ def parse_args(argv=None):
     parser.add_argument("--model_path", default="model_ckpt/demo_unet_full_noise.pth",
                         help="checkpoint written by ddpm_train.py with --max_noise 1 or --image_dir")
     parser.add_argument("--num_samples", type=int_in_range(1, 4096), default=16, help="how many images to generate")
+    parser.add_argument("--batch_size", type=int_in_range(1, 4096), default=BATCH_SIZE,
+                        help="the most images the network runs on at once; smaller needs less memory, and "
+                             "the samples stay the same up to float rounding (their noise is drawn for all together)")
     parser.add_argument("--steps", type=int_in_range(1, NUM_TIMESTEPS), default=50,
                         help=f"denoising steps from pure noise (t = {NUM_TIMESTEPS}) down to 0")
     parser.add_argument("--eta", type=zero_to_one, default=0.0,
@@ -219,7 +223,8 @@ def main():
     check_output_dir(output_dir, names, args.model_path, training)
 
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
-    sampler = model if labels is None else Guided(model, labels, guidance)  # called as model(x_t, t)
+    network = InBatches(model, args.batch_size)  # memory: the network sees at most --batch_size images at once
+    sampler = network if labels is None else Guided(network, labels, guidance)  # called as model(x_t, t)
     with autocast(args.precision, device):
         samples = generate(sampler, schedule, (args.num_samples, 3, size, size), args.steps, args.eta, args.seed,
                            device).cpu()
@@ -279,4 +284,4 @@ def write_outputs(args, samples, labels, classes, guidance, size, device, traini
 
 
 if __name__ == "__main__":
-    run(main, memory_hint="try fewer --num_samples at a time")
+    run(main, memory_hint="try a smaller --batch_size (the samples stay the same)")

@@ -184,3 +184,23 @@ def generate(model, schedule, shape, steps, eta=0.0, seed=0, device="cpu"):
     noise = noise_stream(seed)
     x_T = torch.randn(shape, generator=noise)
     return denoise(model, x_T.to(device), schedule.num_timesteps, schedule, steps, eta=eta, generator=noise)
+
+
+class InBatches(torch.nn.Module):
+    """``model`` run on at most ``batch_size`` images at a time: model(x, t, ...) for the whole batch, in pieces.
+
+    For memory: the sampler still steps every image together and draws their noise as one batch, so
+    the images are those of one big batch (up to float rounding: a kernel may add in another order for
+    another batch size; tests/test_sampling.py), while the network's activations are those of
+    ``batch_size`` images.
+    """
+
+    def __init__(self, model, batch_size):
+        super().__init__()
+        self.model, self.batch_size = model, batch_size
+        self.null_class = getattr(model, "null_class", None)  # what guidance.Guided asks of a network
+
+    def forward(self, x, *per_image):
+        """x: (B, ...), and each of ``per_image`` (t, a class) with B entries -> the model's output, (B, ...)."""
+        pieces = zip(x.split(self.batch_size), *(value.split(self.batch_size) for value in per_image))
+        return torch.cat([self.model(*piece) for piece in pieces])

@@ -110,6 +110,29 @@ def test_the_same_seed_gives_the_same_samples_and_another_seed_others(tmp_path, 
     assert files["a"] == files["b"] and files["a"] != files["c"]
 
 
+def test_a_smaller_batch_gives_the_same_samples_with_and_without_guidance(tmp_path, monkeypatch, capsys):
+    """--batch_size only splits the network's forward passes: the sampler steps all samples together."""
+    from ddpm.diffusion import InBatches, generate
+    from ddpm.guidance import Guided
+
+    model, _ = generator_checkpoint(tmp_path)
+    runs = {}
+    for size in (128, 2):
+        out = tmp_path / f"b{size}"
+        status, _, err = sample("--model_path", model, "--num_samples", 5, "--steps", 3, "--eta", 1, "--batch_size",
+                                size, "--output_dir", out, monkeypatch=monkeypatch, capsys=capsys)
+        assert status == 0, err
+        runs[size] = [(out / f"sample_{i:03d}.png").read_bytes() for i in range(5)]
+    assert runs[128] == runs[2]  # here to the 8-bit pixel
+    torch.manual_seed(0)
+    conditional = UNet(3, 8, (1, 2), num_classes=3).eval()
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    whole = generate(Guided(conditional, labels, 2.0), NoiseSchedule(max_noise=1.0), (5, 3, 16, 16), 3, 1.0, 0)
+    split = generate(Guided(InBatches(conditional, 3), labels, 2.0), NoiseSchedule(max_noise=1.0), (5, 3, 16, 16),
+                     3, 1.0, 0)
+    assert torch.allclose(whole, split, atol=1e-5)  # the kernels may add in another order for another batch
+
+
 def test_without_the_training_images_it_still_samples_and_says_why_there_is_no_comparison(tmp_path, monkeypatch,
                                                                                         capsys):
     model, photos = generator_checkpoint(tmp_path)

@@ -2,6 +2,7 @@
 
 import io
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -99,6 +100,21 @@ def bad_image(tmp_path, kind):
             buffer, format="PNG")
         path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     return path
+
+
+def read_until_a_step(process, total):
+    """Read the training's stderr until its progress bar shows a step done (of ``total``); returns what was read.
+
+    A sign, not a sleep: a Ctrl-C sent then lands inside the training loop on a slow machine and a fast one."""
+    seen = ""
+    while True:
+        char = process.stderr.read(1)
+        if not char:  # the process ended first
+            return seen
+        seen += char
+        counts = [int(n) for n in re.findall(rf"(\d+)/{total}\b", seen)]
+        if counts and max(counts) >= 1:
+            return seen
 
 
 def train_until_a_power_cut(*args, at_step, monkeypatch, capsys):

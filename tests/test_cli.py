@@ -17,14 +17,14 @@ from conftest import INFER, REPO, TINY_NET, TRAIN, bad_image, run_in_process, ru
 
 def test_train_then_infer_end_to_end(tmp_path, tiny_image):
     ckpt = tmp_path / "ckpt" / "tiny.pth"  # the folder does not exist yet
-    trained = run_script(TRAIN, "--img_size", 16, "--train_steps", 30, "--image_path", tiny_image,
+    trained = run_script(TRAIN, "--img_size", 16, "--train_steps", 150, "--image_path", tiny_image,
                          "--model_save_path", ckpt, "--device", "cpu", *TINY_NET, cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
-    assert re.search(r"trained 30 steps in [\d.]+ s on cpu; final loss [\d.]+", trained.stdout)
+    assert re.search(r"trained 150 steps in [\d.]+ s on cpu; final loss [\d.]+", trained.stdout)
     assert str(ckpt) in trained.stdout
     assert "training" in trained.stderr  # the tqdm bar
     checkpoint = torch.load(ckpt, weights_only=True)
-    assert checkpoint["train"]["step"] == 30 and len(checkpoint["train"]["loss_history"]) == 30
+    assert checkpoint["train"]["step"] == 150 and len(checkpoint["train"]["loss_history"]) == 150
     assert checkpoint["train"]["args"]["channel_mults"] == [1, 2]
 
     result, output = tmp_path / "result.png", tmp_path / "out" / "denoised.png"
@@ -34,7 +34,8 @@ def test_train_then_infer_end_to_end(tmp_path, tiny_image):
     assert "t=300  w=0.24  steps=1  img_size=16  device=cpu" in inferred.stdout
     noisy = float(re.search(r"PSNR noisy input:\s+([\d.]+) dB", inferred.stdout).group(1))
     denoised = float(re.search(r"PSNR inference output:\s+([\d.]+) dB", inferred.stdout).group(1))
-    assert 5 < noisy < 40 and 5 < denoised < 60
+    # a model that learned its picture removes noise: 150 steps took 16.9 dB to 27.2 dB here
+    assert 5 < noisy < 40 and denoised > noisy + 5
     figure = Image.open(result)
     assert figure.format == "PNG" and 1400 <= figure.width <= 1600
     alone = Image.open(output)

@@ -10,13 +10,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import REPO, TINY_NET, TRAIN, smooth_test_image
+from conftest import REPO, TINY_NET, TRAIN, read_until_a_step, smooth_test_image
 from ddpm import NoiseSchedule
 from models import UNet
 from ddpm.data import ImageFiles, batch_stream, list_images, per_process_batch
@@ -120,9 +119,10 @@ def test_ctrl_c_stops_every_process_at_the_same_step_and_resume_ends_as_one_proc
     process = torchrun("--image_path", tiny_image, *flags(settings), "--max_noise", 1.0, "--model_save_path",
                        out / "m.pth", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert "Ctrl-C saves a snapshot" in process.stdout.readline()
-    time.sleep(0.5)  # both processes are in the training loop by now
+    before = read_until_a_step(process, 200)  # a step done: both processes are in the training loop
     process.send_signal(signal.SIGINT)  # what Ctrl-C does to torchrun, which passes it on to every process
     _, err = process.communicate(timeout=120)
+    err = before + err
     snapshot = out / "m.resume.pth"
     assert snapshot.exists() and not (out / "m.pth").exists(), err[-3000:]
     assert "continue with: torchrun --nproc_per_node 2 ddpm_train.py --resume" in err

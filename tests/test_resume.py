@@ -5,12 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import TINY_NET, TRAIN, run_in_process, train_until_a_power_cut
+from conftest import TINY_NET, TRAIN, read_until_a_step, run_in_process, train_until_a_power_cut
 from ddpm import NoiseSchedule, load_checkpoint, load_image, save_checkpoint
 from models import UNet
 from ddpm.training import NonFiniteLoss, Trainer
@@ -94,9 +93,10 @@ def test_ctrl_c_saves_a_snapshot_and_resume_finishes_the_same_run(tmp_path, tiny
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first_line = process.stdout.readline()  # printed once the Ctrl-C handler is in place
     assert "Ctrl-C saves a snapshot to" in first_line
-    time.sleep(0.5)  # some of the 300 steps
+    before = read_until_a_step(process, 300)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
+    err = before + err
     assert process.returncode == 130, err
     snapshot = tmp_path / "run.resume.pth"
     assert f"saved {snapshot}" in err and f"--resume {snapshot}" in err

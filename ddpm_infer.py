@@ -21,12 +21,12 @@ import torch
 
 from ddpm.checkpoint import load_checkpoint
 from ddpm.cli import (MAX_SEED, ArgumentParser, add_device_argument, int_in_range, model_folder, pick_device,
-                      route_outputs, run, same_file, warn, zero_to_one)
+                      route_outputs, run, warn, zero_to_one)
 from ddpm.data import recorded_training_data
 from ddpm.diffusion import NUM_TIMESTEPS, denoise, noise_stream, timestep_grid
 from ddpm.errors import UserError
 from ddpm.figures import save_sweep, save_trajectory, save_trajectory_gif, save_triptych
-from ddpm.files import check_writable, file_sha256
+from ddpm.files import check_writable, file_sha256, same_place
 from ddpm.imaging import load_image, save_image
 from ddpm.metrics import psnr, ssim
 from ddpm.precision import add_precision_argument, autocast, check_precision
@@ -75,7 +75,7 @@ def parse_args(argv=None):
     add_device_argument(parser)
     add_precision_argument(parser)
     args = parser.parse_args(argv)
-    route_outputs(args, SHIPPED_FIGURES, same_file(args.model_path, SHIPPED_MODEL), model_folder(args.model_path))
+    route_outputs(args, SHIPPED_FIGURES, same_place(args.model_path, SHIPPED_MODEL), model_folder(args.model_path))
     return args
 
 

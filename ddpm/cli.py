@@ -179,11 +179,6 @@ def at_defaults(parser, args, ignore=()):
     return all(value == defaults[name] for name, value in vars(args).items() if name not in ignore)
 
 
-def same_file(a, b):
-    """Whether two paths name one existing file."""
-    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
-
-
 def model_folder(model_path):
     """runs/<checkpoint name>: where the figures of a model other than the shipped one go by default."""
     return os.path.join(RUNS_FOLDER, os.path.splitext(os.path.basename(model_path))[0])

@@ -56,14 +56,10 @@ def atomic_write(path, what="file"):
             fd, tmp = tempfile.mkstemp(prefix="ddpm-write-through.", suffix=".tmp")
         os.close(fd)
         yield tmp
-        if kind is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-            os.replace(tmp, target)
-        else:
-            with open(tmp, "rb") as source, open(target, "wb") as device:
-                shutil.copyfileobj(source, device)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+        _move_in(tmp, target)
     except (OSError, RuntimeError) as exc:
         raise UserError(f"could not write {what} {path!r} ({_write_failure(exc, target)}); "
                         "any previous file there is untouched") from None
@@ -105,7 +101,7 @@ def staged_outputs(folder, what):
     try:
         yield lambda name: os.path.join(staging, name)
         for name in sorted(os.listdir(staging)):
-            _move_in(os.path.join(staging, name), os.path.join(folder, name))
+            _move_in(os.path.join(staging, name), os.path.realpath(os.path.join(folder, name)))
     except UserError as exc:  # a write that failed names the file where it was to go, not the hidden folder
         raise UserError(str(exc).replace(staging, folder)) from None
     except OSError as exc:
@@ -116,15 +112,23 @@ def staged_outputs(folder, what):
             os.rmdir(folder)
 
 
-def _move_in(staged, path):
-    """Put a finished file at ``path``: renamed over a regular file (or the file a link points at), copied
-    into a character device such as /dev/null; check_outputs has refused every other kind beforehand."""
-    target = os.path.realpath(path)
+def _move_in(finished, target):
+    """Put a finished file at ``target`` (a path with no links left in it): renamed over a regular file, which
+    is atomic within one disk, or copied into a character device such as /dev/null, which stays a device.
+    atomic_write and check_outputs have refused every other kind of file beforehand."""
     if special_kind(target) is None:
-        os.replace(staged, target)
+        os.replace(finished, target)
     else:
-        with open(staged, "rb") as source, open(target, "wb") as device:
+        with open(finished, "rb") as source, open(target, "wb") as device:
             shutil.copyfileobj(source, device)
+
+
+def same_place(a, b):
+    """Whether two spellings of a path (relative, absolute, through a link) name one file or folder: the
+    same file where both exist, else the same absolute path."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
 
 
 def write_json(path, data):

@@ -20,7 +20,7 @@ from .diffusion import denoise, seeded_noise
 from .distributed import is_main_process, launcher, launcher_for, main_process_outcome, rank_and_world_size
 from .errors import UserError
 from .figures import save_loss_by_noise, save_loss_curve, save_quality_curve
-from .files import write_json
+from .files import same_place, write_json
 from .machine import describe
 from .metrics import psnr
 
@@ -88,15 +88,6 @@ def open_snapshot(args, typed, device):
 PATH_SETTINGS = ("image_path", "image_dir")  # the data's place: many paths, relative or not, spell the same one
 
 
-def _same_place(typed, saved):
-    """Whether two spellings of a path (relative, absolute, with a trailing slash) name the same file or folder."""
-    if typed is None or saved is None:
-        return typed is saved
-    if os.path.exists(typed) and os.path.exists(saved):
-        return os.path.samefile(typed, saved)
-    return os.path.normpath(os.path.abspath(typed)) == os.path.normpath(os.path.abspath(saved))
-
-
 def _data_found_from_here(saved, data):
     """Where the resumed run's folder is from this working directory: as typed when the run started, if that
     is still the folder, else where it was (the absolute path the data record keeps). Returns the settings to
@@ -115,7 +106,7 @@ def _model_beside(snapshot_path, saved_model_path):
     here = os.path.join(os.path.dirname(snapshot_path), os.path.basename(saved_model_path))
     if os.path.basename(companion_paths(here)["snapshot"]) != os.path.basename(snapshot_path):
         return saved_model_path
-    return saved_model_path if _same_place(here, saved_model_path) else here
+    return saved_model_path if same_place(here, saved_model_path) else here
 
 
 def continue_from(trainer, snapshot, path):

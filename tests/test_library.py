@@ -18,7 +18,7 @@ from ddpm.files import write_json
 from ddpm.imaging import load_image, open_image
 from ddpm.machine import SPEED_FLAGS, cpu_name, cpu_speed_flags, describe
 
-SCRIPTS = ("ddpm_train", "ddpm_infer", "ddpm_sample")
+SCRIPTS = ("ddpm_train", "ddpm_infer", "ddpm_sample", "ddpm_export", "ddpm_explore")
 
 
 def imported_modules(path):

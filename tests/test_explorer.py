@@ -326,3 +326,11 @@ def test_a_host_without_isolation_falls_back_to_one_thread(tmp_path):
         browser.close()
         server.shutdown()
         server.server_close()
+
+
+def test_benchmarks_readme_shows_the_browser_timings_that_benchmarks_explorer_wrote():
+    from benchmarks import explorer
+
+    record = json.load(open(shipped("benchmarks/explorer.json")))
+    assert explorer.format_table(record) in open(shipped("benchmarks/README.md"), encoding="utf-8").read()
+    assert set(record["workloads"]) == set(explorer.WORKLOADS) and record["machine"]["cores"]

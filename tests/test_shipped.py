@@ -181,9 +181,9 @@ def test_full_noise_model_regenerates_the_picture_from_pure_noise_as_quoted(from
         assert f"{output:.2f} dB" in readme(name), name
 
 
-def test_readmes_quote_ancestral_sampling_as_it_runs():
+def test_the_eta_page_quotes_ancestral_sampling_as_it_runs():
     output, structure = generate_from_pure_noise(50, eta=1.0)
-    for name in ("README.md", "README.en.md"):
+    for name in ("docs/eta.md", "docs/eta.zh.md"):
         assert f"{output:.2f} dB" in readme(name) and f"SSIM {structure:.3f}" in readme(name), name
 
 

@@ -14,7 +14,6 @@ Each figure is the median of the steps after the first (which also warms the run
 ``--rounds`` calls. The same networks in PyTorch on this machine's CPU are timed beside them.
 """
 
-import os
 import statistics
 import subprocess
 import sys

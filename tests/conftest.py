@@ -30,6 +30,27 @@ def smooth_test_image(height=24, width=20, seed=0):
     return (rgb * 255).round().astype(np.uint8)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow: the whole suite, as .ci/run runs it")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --run-slow, leave out the tests marked slow (they show as deselected), so that the quick suite
+    takes a few minutes at most."""
+    if config.getoption("--run-slow"):
+        return
+    slow = [item for item in items if "slow" in item.keywords]
+    if slow:
+        items[:] = [item for item in items if "slow" not in item.keywords]
+        config.hook.pytest_deselected(items=slow)
+
+
+def pytest_report_header(config):
+    if not config.getoption("--run-slow"):
+        return "tests marked slow are left out: python -m pytest --run-slow runs everything"
+
+
 @pytest.fixture(autouse=True)
 def work_in_a_temporary_folder(tmp_path, monkeypatch):
     """Every test runs in its own empty folder, so a default output path (images/..., model_ckpt/...)

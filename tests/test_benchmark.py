@@ -138,6 +138,7 @@ def test_benchmark_mistakes_are_one_error_line_and_write_nothing(tmp_path, monke
     assert sorted(os.listdir(tmp_path)) == before
 
 
+@pytest.mark.slow
 def test_quick_run_of_ours_writes_a_complete_report(tmp_path):
     """The whole pipeline end to end at 32 px, our model only (memory probe and inference timing
     included): every number is present and self-consistent."""
@@ -160,6 +161,7 @@ def test_quick_run_of_ours_writes_a_complete_report(tmp_path):
                         ours["flops_per_step"] / (ours["step_ms_continuous"] / 1e3) / report["matmul_peak"]["peak"])
 
 
+@pytest.mark.slow
 def test_ablations_compare_each_measure_against_the_default_step(tmp_path):
     """benchmarks/ablations.py at 32 px: every row present, ratios are the per-round medians, the
     per-tensor variant really uses per-tensor Adam."""
@@ -198,6 +200,7 @@ def test_profile_step_accounts_for_every_convolution_and_the_whole_step(capsys):
     assert "| 16 -> 16, 3x3, stride 2, 32 px | 1 |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_process_tuning_runs_a_script_with_a_tuning_flipped(tmp_path):
     """One whole ddpm_infer.py run through the benchmark's driver, gc.freeze() taken away: it must still
     write its figure (the driver runs the real script, not a stand-in)."""

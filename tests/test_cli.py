@@ -271,6 +271,7 @@ def test_train_warns_about_a_small_image_and_still_trains(tmp_path, monkeypatch,
     assert "warning: " in err and "is only 6x4 px: enlarging it to 16x16" in err
 
 
+@pytest.mark.slow
 def test_training_logs_the_psnr_that_inference_then_shows(tmp_path, tiny_image):
     """--eval_every: the run record holds one-step PSNR at t=500 against step and time, and its
     last value is what ddpm_infer.py prints for the finished checkpoint (same noise, same t)."""
@@ -323,6 +324,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="malloc tuning applies to glibc only")
 def test_training_steps_reuse_freed_activations_instead_of_faulting_in_fresh_pages():
@@ -338,6 +340,7 @@ def test_training_steps_reuse_freed_activations_instead_of_faulting_in_fresh_pag
     assert faults_per_step("kept") < faults_per_step("default") / 5
 
 
+@pytest.mark.slow
 def test_eta_gives_fresh_noise_that_the_seed_repeats(tmp_path, tiny_image, tiny_checkpoint, monkeypatch, capsys):
     """--eta 0 is the default sampler to the bit; --eta 1 draws fresh noise from --seed: the same seed
     gives the same picture, another seed another one."""
@@ -358,6 +361,7 @@ def test_eta_gives_fresh_noise_that_the_seed_repeats(tmp_path, tiny_image, tiny_
     assert not np.array_equal(denoised("eta1_seed1", "--eta", "1", "--seed", "1")[0], ancestral)
 
 
+@pytest.mark.slow
 def test_global_context_flags_build_the_network_and_inference_rebuilds_it(tmp_path, tiny_image):
     ckpt = tmp_path / "context.pth"
     trained = run_script(TRAIN, "--img_size", 16, "--train_steps", 3, "--image_path", tiny_image, "--eval_every", 0,

@@ -3,6 +3,7 @@ every valid tiny run succeeds (hypothesis draws the values)."""
 
 import math
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -57,6 +58,7 @@ def test_train_any_invalid_number_is_one_error_line(tmp_path, tiny_image, monkey
 
 
 @SETTINGS
+@pytest.mark.slow
 @given(img_size=st.integers(1, 24), batch_size=st.integers(1, 3), train_steps=st.integers(1, 3), lr=ok_lr(),
        seed=st.integers(0, 2**32 - 1), save_every=st.integers(0, 3))
 def test_train_any_valid_tiny_run_succeeds(tmp_path, tiny_image, monkeypatch, capsys,
@@ -87,6 +89,7 @@ def test_infer_any_invalid_number_is_one_error_line(tmp_path, tiny_image, tiny_c
     assert not (tmp_path / "r.png").exists()
 
 
+@pytest.mark.slow
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(t=st.integers(0, 1000), seed=st.integers(0, 2**32 - 1))
 def test_infer_any_valid_t_and_seed_succeeds(tmp_path, tiny_image, tiny_checkpoint, monkeypatch, capsys, t, seed):

@@ -86,6 +86,7 @@ def single_process_reference(paths, settings, world_size):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_checkpoint_equal_to_one_process_with_the_same_global_batch(tmp_path):
     folder = folder_of(tmp_path)
     out = tmp_path / "out"
@@ -111,6 +112,7 @@ def test_two_processes_write_one_checkpoint_equal_to_one_process_with_the_same_g
     assert json.load(open(tmp_path / "samples" / "samples.json"))["training_images"] == 4
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_process_at_the_same_step_and_resume_ends_as_one_process_would(tmp_path, tiny_image):
     """One image on two processes (each draws its own noise levels), stopped by Ctrl-C and resumed: the result
     is still the single-process run with the same global batch."""

@@ -43,6 +43,7 @@ def digits_model(tmp_path_factory):
     return path, done.stdout
 
 
+@pytest.mark.slow
 def test_a_digits_model_records_its_half_and_count_and_trains_at_28_px(digits_model):
     path, out = digits_model
     record = json.load(open(str(path).replace(".pth", ".json")))
@@ -51,6 +52,7 @@ def test_a_digits_model_records_its_half_and_count_and_trains_at_28_px(digits_mo
     assert "the first 64 digits of S1" in out
 
 
+@pytest.mark.slow
 def test_sampling_a_digits_model_judges_its_samples_against_held_out_digits(digits_model, tmp_path, monkeypatch,
                                                                          capsys):
     path, _ = digits_model
@@ -68,12 +70,14 @@ def test_sampling_a_digits_model_judges_its_samples_against_held_out_digits(digi
     assert "FLD" in out and "held-out digits" in out
 
 
+@pytest.mark.slow
 def test_inference_on_a_digits_model_points_to_sampling(digits_model, monkeypatch, capsys):
     path, _ = digits_model
     message = one_error_line(*run_in_process(INFER, "--model_path", path, monkeypatch=monkeypatch, capsys=capsys))
     assert "this model learned 64 digits of S1, not one picture" in message
 
 
+@pytest.mark.slow
 def test_resuming_refuses_a_default_path_holding_digits_of_another_count(digits_model, tmp_path, monkeypatch, capsys):
     """The default save path of S1 digits holds a model of 64 of them: a run on 32 may not replace it."""
     path, _ = digits_model
@@ -86,6 +90,7 @@ def test_resuming_refuses_a_default_path_holding_digits_of_another_count(digits_
     assert "holds the model of another picture (digits S1)" in message
 
 
+@pytest.mark.slow
 def test_too_few_samples_to_judge_get_a_warning_not_a_traceback(digits_model, tmp_path, monkeypatch, capsys):
     path, _ = digits_model
     status, out, err = run_in_process(SAMPLE, "--model_path", path, "--num_samples", 3, "--steps", 2,

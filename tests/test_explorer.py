@@ -226,6 +226,7 @@ def tensor(values, shape=(1, 3, 256, 256)):
     return torch.tensor(values, dtype=torch.float32).view(shape)
 
 
+@pytest.mark.slow
 def test_the_page_loads_offline_on_two_threads_with_no_errors(page):
     browser, url, stats = page
     assert stats["crossOriginIsolated"] and stats["threads"] == 2
@@ -234,6 +235,7 @@ def test_the_page_loads_offline_on_two_threads_with_no_errors(page):
     assert browser.errors == []
 
 
+@pytest.mark.slow
 def test_denoise_at_t_500_is_pytorchs_x0_hat_on_the_pages_own_x_t(page):
     browser, _, _ = page
     result = browser.evaluate("explorer.denoise({t: 500, seed: 0, steps: 1})")
@@ -250,6 +252,7 @@ def test_denoise_at_t_500_is_pytorchs_x0_hat_on_the_pages_own_x_t(page):
     assert abs(noise.mean()) < 0.01 and abs(noise.std() - 1) < 0.01
 
 
+@pytest.mark.slow
 def test_denoise_in_several_steps_is_ddpm_infers_ddim_path(page):
     browser, _, _ = page
     result = browser.evaluate("explorer.denoise({t: 700, seed: 3, steps: 4})")
@@ -258,6 +261,7 @@ def test_denoise_in_several_steps_is_ddpm_infers_ddim_path(page):
     assert (tensor(result["x0_hat"]) - expected).abs().max() <= 2 * BROWSER_TOLERANCE
 
 
+@pytest.mark.slow
 def test_the_javascript_sampler_is_the_python_one(page):
     browser, _, _ = page
     cases = [(500, 1), (500, 3), (999, 7), (5, 2), (1000, 50), (1, 1), (0, 1), (7, 4), (25, 10)]
@@ -279,6 +283,7 @@ def test_the_javascript_sampler_is_the_python_one(page):
         == pytest.approx(schedule.w(500))
 
 
+@pytest.mark.slow
 def test_generate_draws_the_asked_for_digit_by_the_judge(page):
     from ddpm.quality import judge, load_judge
 
@@ -294,6 +299,7 @@ def test_generate_draws_the_asked_for_digit_by_the_judge(page):
         browser.evaluate("explorer.generate({label: 12})")
 
 
+@pytest.mark.slow
 def test_the_page_draws_both_chapters(page, tmp_path):
     browser, _, _ = page
     browser.evaluate("document.getElementById('generate').click(), new Promise(resolve => { const look = () => "
@@ -307,6 +313,7 @@ def test_the_page_draws_both_chapters(page, tmp_path):
     assert os.path.getsize(path) > 10_000
 
 
+@pytest.mark.slow
 def test_a_host_without_isolation_falls_back_to_one_thread(tmp_path):
     executable = chromium_or_skip()
     sys.path.insert(0, REPO)

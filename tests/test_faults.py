@@ -113,6 +113,7 @@ def test_a_truncated_jpeg_in_a_folder_too_big_to_keep_is_named_before_training(t
         ImageFiles(list_images(str(folder)), 16, cache_bytes=0)  # nothing kept in memory, every file decoded
 
 
+@pytest.mark.slow
 def test_a_fifo_named_like_an_image_is_refused_not_waited_on(tmp_path):
     folder = folder_of(tmp_path / "photos", count=2)
     os.mkfifo(folder / "pipe.png")
@@ -133,6 +134,7 @@ def small_disk(limit_bytes):
     return limit
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_the_checkpoint_gives_one_line_and_keeps_the_old_file(tmp_path, tiny_image):
     ckpt = tmp_path / "m.pth"
     first = subprocess.run([sys.executable, TRAIN, "--image_path", tiny_image, "--model_save_path", ckpt,
@@ -368,12 +370,14 @@ def worker_tracebacks(err):
     return err.count(f'File "{TRAIN}"')  # a frame of our script: a worker's traceback, not the launcher's report
 
 
+@pytest.mark.slow
 def test_under_torchrun_a_flag_error_is_printed_once(tmp_path):
     result = torchrun("--lr", "-1")
     assert result.returncode != 0
     assert result.stderr.count("error: argument --lr: must be a finite number above 0") == 1, result.stderr
 
 
+@pytest.mark.slow
 def test_under_torchrun_resuming_another_process_count_names_it(tmp_path, tiny_image, monkeypatch, capsys):
     snapshot = a_snapshot(tmp_path, tiny_image, monkeypatch, capsys)  # one process
     result = torchrun("--resume", snapshot)
@@ -382,6 +386,7 @@ def test_under_torchrun_resuming_another_process_count_names_it(tmp_path, tiny_i
     assert worker_tracebacks(result.stderr) == 0
 
 
+@pytest.mark.slow
 def test_under_torchrun_a_full_disk_stops_every_process_with_one_line(tmp_path, tiny_image):
     result = torchrun("--image_path", tiny_image, "--model_save_path", tmp_path / "m.pth", *QUICK,
                       "--batch_size", 2, preexec_fn=small_disk(20_000))

@@ -25,6 +25,7 @@ def run_tiny(tmp_path, monkeypatch, capsys, workers, name):
     return json.load(open(tmp_path / f"{name}.json"))
 
 
+@pytest.mark.slow
 def test_the_experiment_writes_a_record_per_n_and_its_figures_whatever_the_number_of_workers(tmp_path, monkeypatch,
                                                                                                capsys):
     one = run_tiny(tmp_path, monkeypatch, capsys, 1, "one")

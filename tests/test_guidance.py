@@ -232,6 +232,7 @@ def pets_model(tmp_path_factory):
     return root, root / "model_ckpt" / "pets_cond_unet.pth"
 
 
+@pytest.mark.slow
 def test_a_folder_of_class_folders_trains_a_conditional_model_that_records_its_classes(pets_model):
     root, path = pets_model
     model, _, checkpoint = load_checkpoint(str(path))
@@ -240,6 +241,7 @@ def test_a_folder_of_class_folders_trains_a_conditional_model_that_records_its_c
     assert json.load(open(root / "model_ckpt" / "pets_cond_unet.json"))["classes"] == ["cat", "dog"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label, expected", [("dog", "dog"), ("0", "cat"), (None, None)])
 def test_sampling_a_conditional_model_draws_the_class_asked_for(pets_model, tmp_path, monkeypatch, capsys, label,
                                                                 expected):
@@ -265,6 +267,7 @@ SAMPLE_ERRORS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, args, message", SAMPLE_ERRORS, ids=[" ".join(a) for _, a, _ in SAMPLE_ERRORS])
 def test_sampling_refuses_labels_a_model_does_not_know(pets_model, tmp_path, monkeypatch, capsys, model, args,
                                                        message):
@@ -291,6 +294,7 @@ def tiny_digits_model(folder, class_conditional=True):
     return path
 
 
+@pytest.mark.slow
 def test_the_sweep_runs_end_to_end_and_writes_its_record_and_figures(tmp_path):
     model = tiny_digits_model(tmp_path)
     out = [f"--{kind}_path" for kind in ("figure", "grid", "json")]

@@ -1,5 +1,6 @@
 """Learning tier: a tiny network really overfits a tiny image, and a seeded run repeats."""
 
+import pytest
 import torch
 
 from conftest import train
@@ -17,6 +18,7 @@ def fit(image_path, steps, seed=0):
     return model, x0, losses
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_a_tiny_image(tiny_image):
     model, x0, losses = fit(tiny_image, steps=300)
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20

@@ -170,6 +170,7 @@ def test_a_cuda_gpu_without_bf16_is_refused_in_one_line(monkeypatch, tiny_checkp
     assert not (tmp_path / "r.png").exists()
 
 
+@pytest.mark.slow
 def test_bf16_inference_and_sampling_stay_close_to_fp32(tmp_path, monkeypatch, capsys):
     import re
 
@@ -188,6 +189,7 @@ def test_bf16_inference_and_sampling_stay_close_to_fp32(tmp_path, monkeypatch, c
     assert json.loads((tmp_path / "s" / "samples.json").read_text())["precision"] == "bf16"
 
 
+@pytest.mark.slow
 def test_the_precision_benchmark_measures_each_recipe_and_puts_the_layers_back(tmp_path):
     import subprocess
     import sys

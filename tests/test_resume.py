@@ -86,6 +86,7 @@ def weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_snapshot_and_resume_finishes_the_same_run(tmp_path, tiny_image):
     common = ["--image_path", tiny_image, "--train_steps", 300, "--device", "cpu", *QUICK]
     ckpt = tmp_path / "run.pth"

@@ -161,12 +161,14 @@ def from_pure_noise():
     return {steps: generate_from_pure_noise(steps) for steps in (1, 50, 200)}
 
 
+@pytest.mark.slow
 def test_full_noise_model_meets_the_generation_targets(from_pure_noise):
     """From pure noise: at least 30 dB in 50 steps, 22 dB in one, and 200 steps no worse than 50 (-0.3 dB)."""
     assert from_pure_noise[50][0] >= 30.0 and from_pure_noise[1][0] >= 22.0, from_pure_noise
     assert from_pure_noise[200][0] >= from_pure_noise[50][0] - 0.3, from_pure_noise
 
 
+@pytest.mark.slow
 def test_full_noise_model_regenerates_the_picture_from_pure_noise_as_quoted(from_pure_noise):
     output, structure = from_pure_noise[50]
     for name in ("README.md", "README.en.md"):
@@ -181,6 +183,7 @@ def test_full_noise_model_regenerates_the_picture_from_pure_noise_as_quoted(from
         assert f"{output:.2f} dB" in readme(name), name
 
 
+@pytest.mark.slow
 def test_the_eta_page_quotes_ancestral_sampling_as_it_runs():
     output, structure = generate_from_pure_noise(50, eta=1.0)
     for name in ("docs/eta.md", "docs/eta.zh.md"):

@@ -1,6 +1,6 @@
 """How fast the explorer page runs the networks: ms per denoising step in headless Chromium, on 1 and 2 threads.
 
-    python benchmarks/explorer.py            # about a minute on 2 cores; writes benchmarks/explorer.json
+    python benchmarks/explorer.py            # about 2 minutes on 2 cores; writes benchmarks/explorer.json
 
 It serves the page as ``python ddpm_explore.py`` does, opens it in the system's
 Chromium (ddpm/chromium.py) once with ?threads=1 and once with ?threads=2, and
@@ -51,8 +51,13 @@ READY = ("new Promise((resolve, reject) => { const look = () => window.explorer 
 def parse_args(argv=None):
     parser = ArgumentParser(description="Time the explorer page's networks in headless Chromium on 1 and 2 threads.")
     parser.add_argument("--rounds", type=int_in_range(1, 100), default=3, help="calls per workload and thread count")
-    parser.add_argument("--json", default=str(REPO / "benchmarks" / "explorer.json"), help="where to write the record")
-    return parser.parse_args(argv)
+    parser.add_argument("--json", default=None,
+                        help="where to write the record (default: benchmarks/explorer.json with the default "
+                             "--rounds, runs/explorer/explorer.json with any other)")
+    args = parser.parse_args(argv)
+    if args.json is None:
+        args.json = str(REPO / ("benchmarks" if args.rounds == 3 else "runs/explorer") / "explorer.json")
+    return args
 
 
 def step_times(browser, call):

@@ -1,6 +1,6 @@
 """Ablation: which kind of global context lets the U-Net generate the 256 px picture from pure noise?
 
-    python benchmarks/global_context.py                  # 5 variants x 300 steps: about 40 min on 2 cores
+    python benchmarks/global_context.py                  # 5 variants x 300 steps: about 90 min on 2 cores
     python benchmarks/global_context.py --train_steps 100 --variants plain,canvas   # a quick look
 
 Each variant is trained by ddpm_train.py itself, with the full-noise recipe

@@ -1,12 +1,13 @@
 """Where the time of one default training step goes: torch.profiler, grouped by kind of work.
 
-    python benchmarks/profile_step.py            # 256 px, 20 profiled steps, ~15 s
+    python benchmarks/profile_step.py            # 256 px, 20 profiled steps, ~20 s; writes benchmarks/profile_step.json
 
 Prints the share of the step spent in convolutions (forward, backward),
 GroupNorm, SiLU, the optimizer and everything else; then, for every
 convolution shape in the network, the forward and backward FLOP/s of that
 convolution timed alone (the narrow full-resolution layers are where the
-FLOP rate is lost).
+FLOP rate is lost), beside this machine's matrix-multiply peak measured in
+the same run (benchmark.py's matmul_peak). The record names the machine.
 Profiling adds a little overhead of its own; benchmark.py has the clean times.
 """
 
@@ -23,7 +24,10 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from benchmarks.benchmark import matmul_peak  # noqa: E402
 from ddpm.cli import keep_freed_memory  # noqa: E402
+from ddpm.files import write_json  # noqa: E402
+from ddpm.machine import describe  # noqa: E402
 from ddpm.diffusion import NoiseSchedule  # noqa: E402
 from ddpm.imaging import load_image  # noqa: E402
 from ddpm.training import Trainer  # noqa: E402
@@ -48,11 +52,38 @@ def kind_of(name):
     return "everything else (adds, concat, upsampling, copies, loss, ...)"
 
 
-def main(argv=None):
+def format_tables(record):
+    """The two Markdown tables of a record, as benchmarks/README.md shows them."""
+    total = sum(record["ms_per_step"].values())
+    lines = ["| kind of work | ms/step | share |", "|---|---:|---:|"]
+    for kind, ms in sorted(record["ms_per_step"].items(), key=lambda item: -item[1]):
+        lines.append(f"| {kind} | {ms:.1f} | {100 * ms / total:.0f}% |")
+    lines += ["", "| convolution (in -> out channels, kernel, input side) | layers | forward GFLOP/s | backward GFLOP/s |",
+              "|---|---:|---:|---:|"]
+    for row in record["convolutions"]:
+        cin, cout, kernel, stride, side = row["shape"]
+        lines.append(f"| {cin} -> {cout}, {kernel}x{kernel}{', stride 2' if stride == 2 else ''}, {side} px "
+                     f"| {row['layers']} | {row['forward_flops'] / 1e9:.0f} | {row['backward_flops'] / 1e9:.0f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=256, help="image side, px")
     parser.add_argument("--steps", type=int, default=20, help="profiled training steps")
+    parser.add_argument("--json", default=None,
+                        help="where to write the record (default: benchmarks/profile_step.json at the default "
+                             "settings, runs/profile_step/profile_step.json at any other, so that the shipped "
+                             "record stays the documented command's)")
     args = parser.parse_args(argv)
+    if args.json is None:
+        shipped = args.size == 256 and args.steps == 20
+        args.json = str(REPO / ("benchmarks" if shipped else "runs/profile_step") / "profile_step.json")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     keep_freed_memory()  # as ddpm_train.py does
 
     torch.manual_seed(0)
@@ -68,20 +99,22 @@ def main(argv=None):
     by_kind = defaultdict(float)
     for event in prof.key_averages():
         by_kind[kind_of(event.key)] += event.self_cpu_time_total / 1e3 / args.steps  # ms per step
-    total = sum(by_kind.values())
-    print(f"default training step at {args.size} px under the profiler: {total:.1f} ms "
-          f"({torch.get_num_threads()} threads, torch {torch.__version__})\n")
-    print("| kind of work | ms/step | share |\n|---|---:|---:|")
-    for kind, ms in sorted(by_kind.items(), key=lambda item: -item[1]):
-        print(f"| {kind} | {ms:.1f} | {100 * ms / total:.0f}% |")
-
-    print("\n| convolution (in -> out channels, kernel, input side) | layers | forward GFLOP/s | backward GFLOP/s |\n"
-          "|---|---:|---:|---:|")
+    convolutions = []
     for (cin, cout, kernel, stride, side), layers in conv_layers(model, x0).items():
         fwd, bwd = conv_rates(cin, cout, kernel, stride, side)
-        print(f"| {cin} -> {cout}, {kernel}x{kernel}{', stride 2' if stride == 2 else ''}, {side} px "
-              f"| {layers} | {fwd / 1e9:.0f} | {bwd / 1e9:.0f} |")
-    return by_kind
+        convolutions.append({"shape": [cin, cout, kernel, stride, side], "layers": layers,
+                             "forward_flops": fwd, "backward_flops": bwd})
+    peak = matmul_peak(torch.device("cpu"))
+    record = {"command": "python benchmarks/profile_step.py" + (f" --size {args.size}" if args.size != 256 else ""),
+              "img_size": args.size, "profiled_steps": args.steps, "ms_per_step": dict(by_kind),
+              "convolutions": convolutions, "peak_flops": peak["peak"], "peak_rates": peak["rates"],
+              "machine": describe()}
+    print(f"default training step at {args.size} px under the profiler: {sum(by_kind.values()):.1f} ms "
+          f"({torch.get_num_threads()} threads, torch {torch.__version__}); matrix-multiply peak "
+          f"{peak['peak'] / 1e9:.0f} GFLOP/s\n")
+    print(format_tables(record))
+    write_json(args.json, record)
+    return record
 
 
 def conv_layers(model, x0):

@@ -184,7 +184,7 @@ def test_ablations_compare_each_measure_against_the_default_step(tmp_path):
     assert json.loads((tmp_path / "a.json").read_text())["rows"] == json.loads(json.dumps(rows))
 
 
-def test_profile_step_accounts_for_every_convolution_and_the_whole_step(capsys):
+def test_profile_step_accounts_for_every_convolution_and_the_whole_step(capsys, tmp_path):
     from benchmarks import profile_step
 
     model = peers.build(peers.OURS).to(memory_format=torch.channels_last)
@@ -194,7 +194,10 @@ def test_profile_step_accounts_for_every_convolution_and_the_whole_step(capsys):
     assert layers[(16, 16, 3, 2, 32)] == 1  # the first Down: stride 2
     forward, backward = profile_step.conv_rates(8, 8, 3, 1, 16, repeats=2)
     assert forward > 0 and backward > 0
-    by_kind = profile_step.main(["--size", "32", "--steps", "2"])
+    record = profile_step.main(["--size", "32", "--steps", "2", "--json", str(tmp_path / "profile.json")])
+    assert json.load(open(tmp_path / "profile.json")) == json.loads(json.dumps(record))
+    by_kind = record["ms_per_step"]
+    assert record["peak_flops"] > 0 and record["machine"]["cores"]
     assert by_kind["convolution forward"] > 0 and by_kind["convolution backward"] > 0
     assert by_kind["GroupNorm backward"] > 0 and by_kind["optimizer and clipping"] > 0
     assert "| 16 -> 16, 3x3, stride 2, 32 px | 1 |" in capsys.readouterr().out
@@ -208,3 +211,25 @@ def test_process_tuning_runs_a_script_with_a_tuning_flipped(tmp_path):
 
     seconds = process_tuning.seconds("gc.freeze", ["ddpm_infer.py", "--result_path", str(tmp_path / "r.png")])
     assert seconds > 0 and (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_benchmarks_readme_shows_the_profile_that_profile_step_wrote():
+    from benchmarks import profile_step
+
+    record = json.load(open(os.path.join(REPO, "benchmarks", "profile_step.json")))
+    assert record["command"] == "python benchmarks/profile_step.py" and record["machine"]["cpu"]
+    readme = open(os.path.join(REPO, "benchmarks", "README.md"), encoding="utf-8").read()
+    assert profile_step.format_tables(record) in readme
+    total = sum(record["ms_per_step"].values())
+    assert f"({total:.0f} ms per step under the profiler.)" in readme
+    assert f"peak in the same run was {record['peak_flops'] / 1e9:.0f} GFLOP/s" in readme
+
+
+def test_the_profile_and_the_browser_timings_write_their_shipped_record_only_at_the_default_settings():
+    from benchmarks import explorer, profile_step
+
+    assert profile_step.parse_args([]).json == os.path.join(REPO, "benchmarks", "profile_step.json")
+    assert profile_step.parse_args(["--size", "32"]).json == os.path.join(REPO, "runs", "profile_step",
+                                                                          "profile_step.json")
+    assert explorer.parse_args([]).json == os.path.join(REPO, "benchmarks", "explorer.json")
+    assert explorer.parse_args(["--rounds", "1"]).json == os.path.join(REPO, "runs", "explorer", "explorer.json")

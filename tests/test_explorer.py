@@ -40,7 +40,7 @@ EXPORT = os.path.join(REPO, "ddpm_export.py")
 EXPLORE = os.path.join(REPO, "ddpm_explore.py")
 EXPORT_TOLERANCE = 5e-3  # largest |x0_hat(ONNX) - x0_hat(PyTorch)| allowed: float16 weights measure about 1e-3
 BROWSER_TOLERANCE = 5e-3  # the same, for the page's x0_hat against PyTorch on the page's own x_t
-PAGE_BUDGET = 25 * 2**20  # the page, its runtime and its networks, in bytes
+PAGE_BUDGET = 25_000_000  # bytes: the page, its runtime, its networks and the demo image
 VENDOR = os.path.join(REPO, "explorer", "vendor", "onnxruntime-web")
 
 
@@ -102,7 +102,7 @@ def test_the_page_its_runtime_and_networks_fit_the_size_budget():
     files += [shipped(path) for c in SHIPPED for path in (onnx_path_for(c), record_path_for(onnx_path_for(c)))]
     files.append(shipped("images/demo.png"))
     assert sum(os.path.getsize(f) for f in files) < PAGE_BUDGET
-    assert max(os.path.getsize(f) for f in files) < 20 * 2**20
+    assert max(os.path.getsize(f) for f in files) < 20_000_000
 
 
 def test_the_vendored_runtime_is_the_one_its_readme_names():

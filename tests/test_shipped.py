@@ -305,3 +305,17 @@ def test_the_bf16_page_shows_what_benchmarks_precision_py_measured():
     assert report["native_bf16"] and {"speed", "inference", "quality"} <= set(report)
     assert report["quality"]["bf16"]["groupnorm_fp32"] and report["quality"]["bf16"]["output_fp32"]
     assert report["quality_steps"] == 3000  # whole default runs
+
+
+def test_the_own_photo_timings_are_the_ones_benchmarks_own_photo_wrote():
+    """docs/reference quotes the training time per size as benchmarks/own_photo.py recorded it, machine named."""
+    from benchmarks import own_photo
+
+    record = json.load(open(os.path.join(REPO, "benchmarks", "own_photo.json")))
+    assert record["command"] == "python benchmarks/own_photo.py"
+    assert [row["img_size"] for row in record["rows"]] == list(own_photo.SIZES)
+    assert record["machine"]["cpu"] and record["machine"]["cores"]
+    for name, language in (("docs/reference.md", "en"), ("docs/reference.zh.md", "zh")):
+        text = readme(name)
+        assert own_photo.format_table(record, language) in text, name
+        assert record["machine"]["cpu"] in text, name

@@ -184,6 +184,7 @@ def test_ablations_compare_each_measure_against_the_default_step(tmp_path):
     assert json.loads((tmp_path / "a.json").read_text())["rows"] == json.loads(json.dumps(rows))
 
 
+@pytest.mark.slow
 def test_profile_step_accounts_for_every_convolution_and_the_whole_step(capsys, tmp_path):
     from benchmarks import profile_step
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from ddpm.checkpoint import load_checkpoint  # noqa: E402
-from ddpm.chromium import Chromium, find_chromium  # noqa: E402
+from ddpm.chromium import EXPLORER_READY, Chromium, find_chromium  # noqa: E402
 from ddpm.cli import ArgumentParser, int_in_range, run, say  # noqa: E402
 from ddpm.errors import UserError  # noqa: E402
 from ddpm.files import check_writable, write_json  # noqa: E402
@@ -44,10 +44,6 @@ WORKLOADS = {  # name -> (what the page is asked, the checkpoint, its batch)
         (f"explorer.generate({{label: null, steps: 10, seed: 0, count: {COUNT}}})", "model_ckpt/digits_unet.pth",
          COUNT),
 }
-READY = ("new Promise((resolve, reject) => { const look = () => window.explorer ? "
-         "explorer.ready.then(() => resolve(explorer.stats), reject) : setTimeout(look, 50); look(); })")
-
-
 def parse_args(argv=None):
     parser = ArgumentParser(description="Time the explorer page's networks in headless Chromium on 1 and 2 threads.")
     parser.add_argument("--rounds", type=int_in_range(1, 100), default=3, help="calls per workload and thread count")
@@ -112,7 +108,7 @@ def main(argv=None):
             browser = Chromium(executable)
             try:
                 browser.open(f"{url}?threads={threads}")
-                stats = browser.evaluate(READY)
+                stats = browser.evaluate(EXPLORER_READY)
                 assert stats["threads"] == threads, stats
                 for name, (call, _, _) in WORKLOADS.items():
                     times = [ms for _ in range(args.rounds) for ms in step_times(browser, call)]

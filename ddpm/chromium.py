@@ -16,6 +16,9 @@ import tempfile
 import threading
 
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+# JavaScript that resolves, once the explorer page's networks are loaded, to its window.explorer.stats
+EXPLORER_READY = ("new Promise((resolve, reject) => { const look = () => window.explorer ? "
+                  "explorer.ready.then(() => resolve(explorer.stats), reject) : setTimeout(look, 50); look(); })")
 
 
 def find_chromium():

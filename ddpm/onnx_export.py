@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ddpm.checkpoint import load_checkpoint
-from ddpm.diffusion import NUM_TIMESTEPS, seeded_noise
+from ddpm.diffusion import seeded_noise
 from ddpm.errors import UserError
 from ddpm.files import atomic_write, file_sha256, write_json
 from ddpm.imaging import load_image
@@ -116,6 +116,8 @@ def export_checkpoint(checkpoint_path, onnx_path, weights="float16"):
     import onnx
     import onnxruntime
 
+    if weights not in WEIGHT_TYPES:
+        raise ValueError(f"weights must be one of {WEIGHT_TYPES}, got {weights!r}")
     model, schedule, checkpoint = load_checkpoint(checkpoint_path)
     names = input_names(model)
     probe = probe_inputs(model, schedule, checkpoint)
@@ -182,5 +184,5 @@ def export_shipped(checkpoints=tuple(SHIPPED), weights="float16", say=print):
     return records
 
 
-__all__ = ["NUM_TIMESTEPS", "OPSET", "SHIPPED", "WEIGHT_TYPES", "export_checkpoint", "export_shipped",
+__all__ = ["OPSET", "SHIPPED", "WEIGHT_TYPES", "export_checkpoint", "export_shipped",
            "onnx_path_for", "probe_inputs", "record_path_for", "run_onnx"]

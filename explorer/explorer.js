@@ -82,6 +82,19 @@ const ready = (async () => {
   demoImage = await loadImage(record.image, record.img_size);
 })();
 
+// A sampler's onStep that records the ms of each step (from the previous one) in stepMs, then calls `onStep`
+function stepTimer(onStep) {
+  const stepMs = [];
+  let last = performance.now();
+  const timed = async (step) => {
+    const now = performance.now();
+    stepMs.push(now - last);
+    last = now;
+    if (onStep) await onStep(step);
+  };
+  return { stepMs, timed };
+}
+
 // The median ms of a call's steps; the first step, which also warms the runtime up, counts only when alone
 function msPerStep(stepMs) {
   const sorted = (stepMs.length > 1 ? stepMs.slice(1) : stepMs).sort((a, b) => a - b);
@@ -96,16 +109,10 @@ async function denoise({ t = 500, seed = 0, steps = 1, onStep = null } = {}) {
   const w = diffusion.noiseWeight(t, net.schedule);
   const eps = diffusion.gaussianStream(seed)(demoImage.length);
   const xT = diffusion.addNoise(demoImage, w, eps);
-  const stepMs = [];
-  let last = performance.now();
+  const { stepMs, timed } = stepTimer(onStep);
   const model = (x, s) => net.run(x, s);
   const x0Hat = await diffusion.denoise(model, xT, t, net.schedule, steps, {
-    onStep: async (step) => {
-      const now = performance.now();
-      stepMs.push(now - last);
-      last = now;
-      if (onStep) await onStep(step);
-    },
+    onStep: timed,
   });
   return {
     t, w, steps, seed,
@@ -157,16 +164,10 @@ async function generate({ label = null, guidance = DEFAULT_GUIDANCE, steps = 20,
   const gaussian = diffusion.gaussianStream(seed); // x_T first, then the sampler's fresh noise
   const xT = gaussian(count * size);
   const model = index === null ? (x, s) => net.run(x, s) : guided(net, new Array(count).fill(index), guidance);
-  const stepMs = [];
-  let last = performance.now();
+  const { stepMs, timed } = stepTimer(onStep);
   const x0Hat = await diffusion.denoise(model, xT, net.schedule.num_timesteps, net.schedule, steps, {
     eta, gaussian,
-    onStep: async (step) => {
-      const now = performance.now();
-      stepMs.push(now - last);
-      last = now;
-      if (onStep) await onStep(step);
-    },
+    onStep: timed,
   });
   const samples = [];
   for (let k = 0; k < count; k++) samples.push(Array.from(x0Hat.subarray(k * size, (k + 1) * size)));

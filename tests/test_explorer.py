@@ -26,7 +26,7 @@ from conftest import REPO, run_in_process
 from test_cli import one_error_line
 
 from ddpm.checkpoint import load_checkpoint
-from ddpm.chromium import Chromium, find_chromium
+from ddpm.chromium import EXPLORER_READY, Chromium, find_chromium
 from ddpm.diffusion import NoiseSchedule, ddim_step, denoise, timestep_grid
 from ddpm.files import file_sha256
 from ddpm.guidance import guided_x0
@@ -198,10 +198,6 @@ def chromium_or_skip():
     return path
 
 
-WAIT_FOR_READY = ("new Promise((resolve, reject) => { const look = () => window.explorer ? "
-                  "explorer.ready.then(() => resolve(explorer.stats), reject) : setTimeout(look, 50); look(); })")
-
-
 @pytest.fixture(scope="module")
 def page():
     """``python ddpm_explore.py`` as a user starts it, and headless Chromium on the page it prints."""
@@ -213,7 +209,7 @@ def page():
         url = re.search(r"http://\S+", server.stdout.readline()).group(0)
         browser = Chromium(executable)
         browser.open(url)
-        stats = browser.evaluate(WAIT_FOR_READY)
+        stats = browser.evaluate(EXPLORER_READY)
         yield browser, url, stats
     finally:
         if browser:
@@ -325,7 +321,7 @@ def test_a_host_without_isolation_falls_back_to_one_thread(tmp_path):
     browser = Chromium(executable)
     try:
         browser.open(f"http://127.0.0.1:{server.server_address[1]}/explorer/")
-        stats = browser.evaluate(WAIT_FOR_READY)
+        stats = browser.evaluate(EXPLORER_READY)
         assert not stats["crossOriginIsolated"] and stats["threads"] == 1
         start = time.time()
         result = browser.evaluate("explorer.denoise({t: 300, seed: 5, steps: 1}).then(r => r.psnr_x0_hat)")

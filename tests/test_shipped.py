@@ -47,7 +47,9 @@ def test_shipped_files_exist_and_are_small(path):
     assert os.path.getsize(os.path.join(REPO, path)) < MAX_SHIPPED_BYTES
 
 
-SHOWN_IN_THE_REFERENCE = ["model_ckpt/demo_unet_psnr.png"]  # with how the shipped model was trained
+SHOWN_IN_THE_REFERENCE = ["model_ckpt/demo_unet_psnr.png", "model_ckpt/demo_unet_full_noise_loss.png",  # with how
+                          "model_ckpt/demo_unet_full_noise_loss_by_noise.png",  # the shipped models were trained
+                          "model_ckpt/demo_unet_full_noise_psnr.png"]
 
 
 @pytest.mark.parametrize("path", FIGURES + [p for p in RUN_FILES if p.endswith(".png")])

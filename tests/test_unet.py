@@ -1,5 +1,8 @@
 """Unit tier: the network's shapes and its shape contract."""
 
+import os
+import re
+
 import pytest
 import torch
 
@@ -82,3 +85,37 @@ def test_image_size_check_accepts_multiples():
 def test_bad_configs_are_refused_in_words(kwargs, message):
     with pytest.raises(ValueError, match=message):
         UNet(**kwargs)
+
+
+def traced_shapes(model, x_t, t):
+    """The output shape (C, H, W) of each ResBlock of ``model`` on x_t, in the order they run: encoder, middle, decoder."""
+    blocks = list(model.encoder) + list(model.middle) + list(model.decoder)
+    shapes = {}
+
+    def record(block, args, out):
+        shapes[block] = tuple(out.shape[1:])  # returns None: the output is left as it is
+
+    hooks = [block.register_forward_hook(record) for block in blocks]
+    output = model(x_t, t)
+    for hook in hooks:
+        hook.remove()
+    return [shapes[block] for block in blocks], tuple(output.shape[1:])
+
+
+@pytest.mark.parametrize("name", ["README.md", "README.en.md"])
+def test_the_readme_diagram_shows_the_default_networks_shapes(name):
+    """The U of section 2: each level's ResBlock on the way down and up, as UNet() computes them at 256 px."""
+    text = open(os.path.join(os.path.dirname(__file__), "..", name), encoding="utf-8").read()
+    diagram = text[text.index("x_t 3x256x256"):]
+    diagram = diagram[:diagram.index("```")]
+    model = UNet().to("meta")  # shapes only: no memory, no arithmetic
+    blocks, output = traced_shapes(model, torch.zeros(1, 3, 256, 256, device="meta"), torch.zeros(1, device="meta"))
+    levels = len(model.encoder)
+    down, middle, up = blocks[:levels], blocks[levels:levels + 2], blocks[levels + 2:]
+    assert up == down[::-1]  # each level comes back up at the shape it went down with
+    rows = [re.findall(r"ResBlock (\d+)x(\d+)x(\d+)", line) for line in diagram.splitlines()]
+    rows = [[tuple(map(int, block)) for block in row] for row in rows if row]
+    assert rows == [[shape, shape] for shape in down]  # left: on the way down, right: on the way up
+    assert middle == [down[-1]] * 2 and "the middle" in diagram
+    assert f"x0_hat {'x'.join(map(str, output))}" in diagram
+    assert f"temb ({model.time_mlp[-1].out_features} numbers)" in diagram

@@ -36,6 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.benchmark import write_results  # noqa: E402
 from ddpm.cli import ArgumentParser, int_in_range, keep_freed_memory, run  # noqa: E402
 from ddpm.files import check_writable  # noqa: E402
+from ddpm.machine import describe  # noqa: E402
 from ddpm.diffusion import NoiseSchedule  # noqa: E402
 from ddpm.imaging import load_image  # noqa: E402
 from ddpm.training import Trainer  # noqa: E402
@@ -198,7 +199,7 @@ def main(argv=None):
                f"step at {args.size} px, batch 1, torch {torch.__version__}, {torch.get_num_threads()} threads")
     lines = [command, "", format_table(rows)]
     print("\n".join(lines))
-    write_results(args.json, {"command": command, "rows": rows})
+    write_results(args.json, {"command": command, "machine": describe(), "rows": rows})
     return rows
 
 

@@ -181,7 +181,9 @@ def test_ablations_compare_each_measure_against_the_default_step(tmp_path):
         assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"] and row["baseline_ms"] > 0
     allocator = rows["malloc defaults instead of keep_freed_memory()"]
     assert allocator["baseline_faults_per_step"] >= 0 and allocator["variant_faults_per_step"] >= 0
-    assert json.loads((tmp_path / "a.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    record = json.loads((tmp_path / "a.json").read_text())
+    assert record["rows"] == json.loads(json.dumps(rows))
+    assert set(record["machine"]) >= {"cpu", "cores", "threads", "torch"}  # where the ratios were measured
 
 
 @pytest.mark.slow

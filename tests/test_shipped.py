@@ -348,3 +348,19 @@ def test_every_shipped_record_names_the_machine_it_was_measured_on():
         if not (cpu and torch_version and (machine.get("cores") or machine.get("cpu_count") or machine.get("threads"))):
             unnamed.add(path)
     assert unnamed == RECORDS_WITHOUT_A_MACHINE
+
+
+@pytest.mark.parametrize("path, ignored", [
+    ("model_ckpt/demo_unet.resume.pth", True),  # Ctrl-C during `python ddpm_train.py` leaves it there
+    ("model_ckpt/digits_unet.resume.pth", True),
+    ("model_ckpt/my_photo_unet.pth", True),  # a learner's own model
+    ("runs/demo_unet/inference_result.png", True),
+    ("model_ckpt/demo_unet.pth", False),  # shipped
+    ("model_ckpt/demo_unet.json", False),
+    ("model_ckpt/digits_unet.onnx", False),
+])
+def test_git_ignores_what_a_learner_makes_and_keeps_what_ships(path, ignored):
+    check = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO)
+    if check.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert (check.returncode == 0) == ignored, path

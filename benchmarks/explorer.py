@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from ddpm.checkpoint import load_checkpoint  # noqa: E402
 from ddpm.chromium import EXPLORER_READY, Chromium, find_chromium  # noqa: E402
-from ddpm.cli import ArgumentParser, int_in_range, run, say  # noqa: E402
+from ddpm.cli import RUNS_FOLDER, ArgumentParser, at_defaults, int_in_range, route_outputs, run, say  # noqa: E402
 from ddpm.errors import UserError  # noqa: E402
 from ddpm.files import check_writable, write_json  # noqa: E402
 from ddpm.guidance import Guided  # noqa: E402
@@ -44,6 +44,8 @@ WORKLOADS = {  # name -> (what the page is asked, the checkpoint, its batch)
         (f"explorer.generate({{label: null, steps: 10, seed: 0, count: {COUNT}}})", "model_ckpt/digits_unet.pth",
          COUNT),
 }
+
+
 def parse_args(argv=None):
     parser = ArgumentParser(description="Time the explorer page's networks in headless Chromium on 1 and 2 threads.")
     parser.add_argument("--rounds", type=int_in_range(1, 100), default=3, help="calls per workload and thread count")
@@ -51,8 +53,8 @@ def parse_args(argv=None):
                         help="where to write the record (default: benchmarks/explorer.json with the default "
                              "--rounds, runs/explorer/explorer.json with any other)")
     args = parser.parse_args(argv)
-    if args.json is None:
-        args.json = str(REPO / ("benchmarks" if args.rounds == 3 else "runs/explorer") / "explorer.json")
+    route_outputs(args, {"json": str(REPO / "benchmarks" / "explorer.json")},
+                  at_defaults(parser, args, ignore=("json",)), str(REPO / RUNS_FOLDER / "explorer"))
     return args
 
 

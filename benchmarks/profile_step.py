@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from benchmarks.benchmark import matmul_peak  # noqa: E402
-from ddpm.cli import keep_freed_memory  # noqa: E402
+from ddpm.cli import RUNS_FOLDER, at_defaults, keep_freed_memory, route_outputs  # noqa: E402
 from ddpm.files import write_json  # noqa: E402
 from ddpm.machine import describe  # noqa: E402
 from ddpm.diffusion import NoiseSchedule  # noqa: E402
@@ -76,9 +76,8 @@ def parse_args(argv=None):
                              "settings, runs/profile_step/profile_step.json at any other, so that the shipped "
                              "record stays the documented command's)")
     args = parser.parse_args(argv)
-    if args.json is None:
-        shipped = args.size == 256 and args.steps == 20
-        args.json = str(REPO / ("benchmarks" if shipped else "runs/profile_step") / "profile_step.json")
+    route_outputs(args, {"json": str(REPO / "benchmarks" / "profile_step.json")},
+                  at_defaults(parser, args, ignore=("json",)), str(REPO / RUNS_FOLDER / "profile_step"))
     return args
 
 

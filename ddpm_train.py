@@ -39,7 +39,7 @@ import sys
 
 import torch
 
-from ddpm.cli import (EXIT_INTERRUPTED, MAX_SEED, ArgumentParser, add_device_argument, below_one,
+from ddpm.cli import (EXIT_INTERRUPTED, MAX_SEED, ArgumentParser, add_device_argument, at_least_one, below_one,
                       channel_multipliers, fraction, int_in_range, keep_freed_memory, pick_device, positive_float, run,
                       say, stop_on_sigint, warn)
 from ddpm.data import (DIGIT_SPLITS, DIGITS_SIDE, TRAINING_HALVES, DigitsData, TrainingData, check_same_data,
@@ -124,6 +124,10 @@ def build_parser():
                         help="keep an exponential moving average of the weights with this decay and sample with "
                              "it; 0 is off (default: 0 with --image_path, "
                              f"{FOLDER_DEFAULTS['ema_decay']} with --image_dir)")
+    parser.add_argument("--snr_gamma", type=at_least_one, default=1.0,
+                        help="weight each image's x0 error by clamp(SNR(t), 1, G), SNR = ((1 - w) / w)^2: the "
+                             "nearly clean steps count up to G times more, as much as their noise error "
+                             "(ddpm/diffusion.py, loss_weights); 1 is the plain x0 error")
     context = parser.add_argument_group(
         "global context", "what the network may know beyond its receptive field; needed to generate "
         "a 256 px picture from pure noise (--max_noise 1), off for the denoiser")
@@ -233,7 +237,7 @@ def make_trainer(args, model, data, dataset, device, snapshot):
         trainer = Trainer(model, dataset, NoiseSchedule(max_noise=args.max_noise), args.train_steps, args.lr,
                           batch_size=args.batch_size, generator=generator, ema_decay=args.ema_decay,
                           data_seed=args.seed, labels=data.labels, label_dropout=args.label_dropout or 0.0,
-                          precision=args.precision)
+                          precision=args.precision, snr_gamma=args.snr_gamma)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if snapshot is not None:

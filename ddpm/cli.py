@@ -133,6 +133,14 @@ def below_one(text):
     return value
 
 
+def at_least_one(text):
+    """argparse type: a finite number of at least 1."""
+    value = _parse(float, text, "a number")
+    if not (math.isfinite(value) and value >= 1):  # also false for nan
+        raise argparse.ArgumentTypeError(f"must be a finite number of at least 1, got {text!r}")
+    return value
+
+
 def channel_multipliers(text):
     """argparse type: 1 to 8 comma-separated integers from 1 to 64, such as '1,2,4,8'."""
     try:

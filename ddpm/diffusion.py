@@ -6,6 +6,7 @@ Convention (images are float tensors in [-1, 1]):
     x_t   = (1 - w(t)) * x0 + w(t) * eps           forward (noising) process, eps ~ N(0, I)
     x0_hat = unet(x_t, t)                           the network predicts the clean image
     loss  = MSE(x0_hat, x0),  t ~ Uniform{0, ..., T}
+    (optionally weighted per image by clamp(SNR(t), 1, gamma), SNR = ((1 - w) / w)^2: loss_weights)
 
 This is DDPM (Ho et al. 2020) with two simplifications that keep the idea
 visible: the noise enters by linear interpolation instead of the
@@ -50,6 +51,11 @@ class NoiseSchedule:
     def w(self, t):
         """Noise weight w(t) = max_noise * t / T: a (B,) tensor of timesteps -> (B,) float32, an int -> float."""
         return self.max_noise * (t.float() if torch.is_tensor(t) else t) / self.num_timesteps
+
+    def snr(self, t):
+        """Signal-to-noise ratio of x_t, SNR(t) = ((1 - w) / w)^2: (B,) timesteps -> (B,) float32, inf at t = 0."""
+        w = self.w(t)
+        return ((1 - w) / w) ** 2
 
     def timestep_for(self, w):
         """The integer timestep at which w(t) is (nearest to) ``w``: t = w * T / max_noise.
@@ -96,6 +102,23 @@ def training_losses(model, x0, schedule, generator=None, y=None):
     x_t = schedule.add_noise(x0, t, eps)
     x0_hat = model(x_t, t) if y is None else model(x_t, t, y)
     return ((x0_hat.float() - x0) ** 2).mean(dim=(1, 2, 3)), t  # the loss in float32, also under bf16 autocast
+
+
+def loss_weights(schedule, t, snr_gamma):
+    """Each image's weight in the training loss, clamp(SNR(t), 1, snr_gamma): (B,) timesteps -> (B,) float32.
+
+    The noise that x0_hat implies, eps_hat = (x_t - (1 - w) x0_hat) / w, is off by (1 - w) / w
+    times as much as x0_hat is, so ||eps_hat - eps||^2 = SNR(t) * ||x0_hat - x0||^2, and the
+    weighted loss reads
+
+        max(||x0_hat - x0||^2, min(||eps_hat - eps||^2, snr_gamma * ||x0_hat - x0||^2)):
+
+    the plain x0 error where noise dominates (w > 1/2, SNR < 1); the noise error where the image
+    does (the truncated-SNR weighting of Salimans and Ho 2022), which the plain x0 loss all but
+    ignores there; capped at snr_gamma times the x0 error (Min-SNR-gamma, Hang et al. 2023), so that
+    the nearly clean steps do not take over. With snr_gamma = 1 every weight is 1.
+    """
+    return schedule.snr(t).clamp(1.0, snr_gamma)
 
 
 def timestep_grid(t_start, steps):

@@ -9,7 +9,7 @@ import torch
 
 from conftest import REPO
 
-from ddpm.diffusion import NoiseSchedule, ddim_step, denoise, timestep_grid, training_losses
+from ddpm.diffusion import NoiseSchedule, ddim_step, denoise, loss_weights, timestep_grid, training_losses
 
 
 def test_default_schedule_is_the_original_notes():
@@ -102,6 +102,25 @@ def test_training_losses_are_zero_for_the_oracle():
     eps = torch.randn(x0.shape, generator=replay)
     losses, drawn_t = training_losses(Oracle(schedule, eps), x0, schedule, generator=torch.Generator().manual_seed(7))
     assert torch.equal(drawn_t, t) and losses.item() == pytest.approx(0.0, abs=1e-10)
+
+
+@pytest.mark.parametrize("max_noise", [0.8, 1.0])
+@pytest.mark.parametrize("gamma", [1.0, 5.0, 25.0])
+def test_snr_weighted_loss_is_the_x0_error_or_the_noise_error_capped_at_gamma(max_noise, gamma):
+    schedule = NoiseSchedule(max_noise=max_noise)
+    t = torch.tensor([0, 1, 100, 300, 400, 500, 625, 900, 1000])
+    w = schedule.w(t).view(-1, 1, 1, 1)
+    generator = torch.Generator().manual_seed(0)
+    x0, eps, x0_hat = (torch.rand(len(t), 3, 4, 4, generator=generator, dtype=torch.float64) * 2 - 1 for _ in "abc")
+    x_t = (1 - w) * x0 + w * eps
+    eps_hat = (x_t - (1 - w) * x0_hat) / w  # the noise the prediction implies (inf/nan at w = 0: not used there)
+    x0_error, eps_error = ((x0_hat - x0) ** 2).mean(dim=(1, 2, 3)), ((eps_hat - eps) ** 2).mean(dim=(1, 2, 3))
+    expected = torch.maximum(x0_error, torch.minimum(eps_error, gamma * x0_error))
+    expected[0] = gamma * x0_error[0]  # w = 0: SNR is infinite, so the cap
+    weighted = loss_weights(schedule, t, gamma).double() * x0_error
+    assert torch.allclose(weighted, expected, rtol=1e-5)
+    if gamma == 1:
+        assert torch.equal(loss_weights(schedule, t, gamma), torch.ones(len(t)))
 
 
 class TripleWithDropout(torch.nn.Module):

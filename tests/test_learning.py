@@ -77,3 +77,28 @@ def test_the_trainers_fused_adam_and_foreach_clipping_take_the_plain_per_tensor_
         lr_schedule.step()
     for fused, plain in zip(fused_model.parameters(), plain_model.parameters()):
         assert torch.allclose(fused, plain, atol=1e-6)
+
+
+def test_snr_gamma_weights_the_gradient_and_the_run_still_reports_the_plain_x0_error(tiny_image):
+    from ddpm.diffusion import loss_weights, training_losses
+    from ddpm.training import GRAD_CLIP_NORM, Trainer
+
+    x0 = load_image(tiny_image, 16).expand(8, -1, -1, -1)  # one image, 8 noise levels a step
+    torch.manual_seed(0)
+    model, replay = UNet(3, 8, (1, 2)), UNet(3, 8, (1, 2))
+    replay.load_state_dict(model.state_dict())
+    schedule = NoiseSchedule(max_noise=1.0)
+    trainer = Trainer(model, x0, schedule, 2, lr=1e-3, batch_size=8, generator=torch.Generator().manual_seed(3),
+                      snr_gamma=5.0)
+    trainer.train_step()
+
+    losses, t = training_losses(replay, x0, schedule, generator=torch.Generator().manual_seed(3))
+    weights = loss_weights(schedule, t, 5.0)
+    assert weights.min() == 1 and weights.max() > 1  # the draw holds both kinds of step
+    (weights * losses).mean().backward()
+    torch.nn.utils.clip_grad_norm_(replay.parameters(), GRAD_CLIP_NORM)
+    for trained, replayed in zip(model.parameters(), replay.parameters()):
+        assert torch.allclose(trained.grad, replayed.grad, rtol=1e-4, atol=1e-7)
+    assert trainer.loss_history() == pytest.approx([losses.mean().item()])  # the x0 error, unweighted
+    with pytest.raises(ValueError, match="at least 1"):
+        Trainer(UNet(3, 8, (1, 2)), x0, schedule, 2, lr=1e-3, snr_gamma=0.5)

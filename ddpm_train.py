@@ -5,7 +5,7 @@ self-describing checkpoint.
     python ddpm_train.py --image_path my_photo.jpg --img_size 128    # -> model_ckpt/my_photo_unet.pth
     python ddpm_train.py --image_dir my_photos/ --img_size 32         # -> model_ckpt/my_photos_unet.pth
     torchrun --standalone --nproc_per_node 2 ddpm_train.py --image_dir my_photos/ --img_size 32
-    python ddpm_train.py --digits S1                                  # -> model_ckpt/digits_unet.pth
+    python ddpm_train.py --digits S1 --snr_gamma 5 --t_density linear --ema_decay 0   # -> model_ckpt/digits_unet.pth
     python ddpm_train.py --digits S1 --class_conditional              # -> model_ckpt/digits_cond_unet.pth
     python ddpm_train.py --image_dir pets/ --class_conditional        # pets/cat/, pets/dog/: one class each
     python ddpm_train.py --resume model_ckpt/demo_unet.resume.pth    # continue a stopped run
@@ -44,7 +44,7 @@ from ddpm.cli import (EXIT_INTERRUPTED, MAX_SEED, ArgumentParser, add_device_arg
                       say, stop_on_sigint, warn)
 from ddpm.data import (DIGIT_SPLITS, DIGITS_SIDE, TRAINING_HALVES, DigitsData, TrainingData, check_same_data,
                        choose_images)
-from ddpm.diffusion import DEFAULT_MAX_NOISE, NoiseSchedule
+from ddpm.diffusion import DEFAULT_MAX_NOISE, T_DENSITIES, NoiseSchedule
 from ddpm.distributed import is_main_process, join_processes, launcher, rank_and_world_size, wait_for_everyone
 from ddpm.errors import UserError
 from ddpm.files import check_writable
@@ -60,7 +60,7 @@ from models.unet_model import UNet, check_image_size
 FOLDER_DEFAULTS = {"max_noise": 1.0, "batch_size": 16, "ema_decay": 0.999}
 IMAGE_DEFAULTS = {"max_noise": DEFAULT_MAX_NOISE, "batch_size": 1, "ema_decay": 0.0}
 # The shipped digits at 28 px: three levels (28 -> 14 -> 7), self-attention at 7 x 7, and the rest of the recipe
-# of model_ckpt/digits_unet.pth
+# that both shipped digit models share (model_ckpt/digits_unet.pth adds --snr_gamma 5 --t_density linear --ema_decay 0)
 DIGITS_DEFAULTS = {"channel_mults": [1, 2, 4], "attention": True, "batch_size": 64, "train_steps": 2500, "lr": 2e-3}
 MODEL_FOLDER = "model_ckpt"  # where a picture's model goes by default: <folder>/<image stem>_unet.pth
 
@@ -98,7 +98,7 @@ def build_parser():
     parser.add_argument("--digits", choices=TRAINING_HALVES, default=None,
                         help=f"learn the shipped MNIST digits instead (data/mnist.png, {DIGITS_SIDE} px): one of the "
                              f"two disjoint training halves of {len(DIGIT_SPLITS['S1'])} digits each; flags left out "
-                             f"take the recipe of the shipped digit generator ({digits_recipe()})")
+                             f"take the recipe of the shipped digit models ({digits_recipe()})")
     parser.add_argument("--num_images", type=int_in_range(1, 10**8), default=None,
                         help="with --image_dir or --digits: only the first N images (default: all)")
     parser.add_argument("--class_conditional", action="store_true",
@@ -128,6 +128,9 @@ def build_parser():
                         help="weight each image's x0 error by clamp(SNR(t), 1, G), SNR = ((1 - w) / w)^2: the "
                              "nearly clean steps count up to G times more, as much as their noise error "
                              "(ddpm/diffusion.py, loss_weights); 1 is the plain x0 error")
+    parser.add_argument("--t_density", choices=T_DENSITIES, default="uniform",
+                        help="how each image's t is drawn: uniform, or linear (density proportional to t: twice "
+                             "the uniform one at t = T, more of the noisiest steps)")
     context = parser.add_argument_group(
         "global context", "what the network may know beyond its receptive field; needed to generate "
         "a 256 px picture from pure noise (--max_noise 1), off for the denoiser")
@@ -237,7 +240,7 @@ def make_trainer(args, model, data, dataset, device, snapshot):
         trainer = Trainer(model, dataset, NoiseSchedule(max_noise=args.max_noise), args.train_steps, args.lr,
                           batch_size=args.batch_size, generator=generator, ema_decay=args.ema_decay,
                           data_seed=args.seed, labels=data.labels, label_dropout=args.label_dropout or 0.0,
-                          precision=args.precision, snr_gamma=args.snr_gamma)
+                          precision=args.precision, snr_gamma=args.snr_gamma, t_density=args.t_density)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if snapshot is not None:

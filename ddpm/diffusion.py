@@ -5,7 +5,7 @@ Convention (images are float tensors in [-1, 1]):
     w(t)  = max_noise * t / T                      noise weight, t in {0, ..., T}
     x_t   = (1 - w(t)) * x0 + w(t) * eps           forward (noising) process, eps ~ N(0, I)
     x0_hat = unet(x_t, t)                           the network predicts the clean image
-    loss  = MSE(x0_hat, x0),  t ~ Uniform{0, ..., T}
+    loss  = MSE(x0_hat, x0),  t ~ Uniform{0, ..., T}  (or p(t) ~ t: sample_timesteps)
     (optionally weighted per image by clamp(SNR(t), 1, gamma), SNR = ((1 - w) / w)^2: loss_weights)
 
 This is DDPM (Ho et al. 2020) with two simplifications that keep the idea
@@ -24,6 +24,7 @@ import torch
 
 NUM_TIMESTEPS = 1000  # T
 DEFAULT_MAX_NOISE = 0.8
+T_DENSITIES = ("uniform", "linear")  # how training draws t: NoiseSchedule.sample_timesteps
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,20 @@ class NoiseSchedule:
         w = self.w(t).view(-1, 1, 1, 1)  # (B, 1, 1, 1), broadcasts over C, H, W
         return (1 - w) * x0 + w * eps
 
-    def sample_timesteps(self, batch_size, generator=None, device=None):
-        """t ~ Uniform{0, ..., T}, shape (B,), integer."""
-        return torch.randint(
-            0, self.num_timesteps + 1, (batch_size,), generator=generator, device=device
-        )
+    def sample_timesteps(self, batch_size, generator=None, device=None, density="uniform"):
+        """The timesteps of a training batch, shape (B,), integer, drawn with ``density`` (T_DENSITIES):
+
+        uniform: t ~ Uniform{0, ..., T};
+        linear:  p(t) proportional to t, drawn as t = round(T * u^(1/2)) with u ~ Uniform(0, 1)
+                 (the inverse of the CDF (t / T)^2): twice the uniform density at t = T, so more
+                 of the noisiest steps, where a generator decides what it draws.
+        """
+        if density == "uniform":
+            return torch.randint(0, self.num_timesteps + 1, (batch_size,), generator=generator, device=device)
+        if density == "linear":
+            u = torch.rand(batch_size, generator=generator, device=device)
+            return (u ** 0.5 * self.num_timesteps).round().long()
+        raise ValueError(f"unknown timestep density {density!r}: choose one of {', '.join(T_DENSITIES)}")
 
 
 def noise_stream(seed):
@@ -89,15 +99,16 @@ def seeded_noise(x0, seed):
     return torch.randn(x0.shape, generator=noise_stream(seed))
 
 
-def training_losses(model, x0, schedule, generator=None, y=None):
+def training_losses(model, x0, schedule, generator=None, y=None, t_density="uniform"):
     """One Monte-Carlo sample of the training objective E_{t, eps} ||unet(x_t, t) - x0||^2, per image.
 
     x0: (B, C, H, W) clean images. Draws a timestep and fresh Gaussian noise
     per image (with ``generator`` if given), noises, predicts, and returns the
     mean squared error of each image, (B,), and the timesteps drawn, (B,).
     y: (B,) the classes to show a conditional network, ||unet(x_t, t, y) - x0||^2 (None: no classes).
+    t_density: how t is drawn (NoiseSchedule.sample_timesteps).
     """
-    t = schedule.sample_timesteps(x0.shape[0], generator=generator, device=x0.device)  # (B,)
+    t = schedule.sample_timesteps(x0.shape[0], generator=generator, device=x0.device, density=t_density)  # (B,)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = schedule.add_noise(x0, t, eps)
     x0_hat = model(x_t, t) if y is None else model(x_t, t, y)

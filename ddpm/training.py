@@ -46,7 +46,7 @@ from tqdm import tqdm
 from models.unet_model import UNet
 
 from .data import ImageTensors, LabelledImages, batch_stream, per_process_batch
-from .diffusion import loss_weights, training_losses
+from .diffusion import T_DENSITIES, loss_weights, training_losses
 from .distributed import rank_and_world_size
 from .guidance import drop_labels
 from .precision import autocast
@@ -140,13 +140,15 @@ class Trainer:
     ``precision`` "bf16" runs each step's forward pass under a bf16 autocast (ddpm/precision.py); the
     weights, Adam's state and the loss stay float32.
 
-    ``snr_gamma`` above 1 weights each image's x0 error by clamp(SNR(t), 1, snr_gamma) in the
-    gradient (diffusion.loss_weights); the losses kept and shown stay the plain x0 errors, so runs
-    with and without it compare.
+    ``t_density`` is how each image's t is drawn (NoiseSchedule.sample_timesteps). ``snr_gamma``
+    above 1 weights each image's x0 error by clamp(SNR(t), 1, snr_gamma) in the gradient
+    (diffusion.loss_weights); the losses kept and shown stay the plain x0 errors, so runs with and
+    without it compare.
     """
 
     def __init__(self, model, data, schedule, train_steps, lr, batch_size=1, generator=None, ema_decay=0.0,
-                 data_seed=0, labels=None, label_dropout=0.0, precision="fp32", snr_gamma=1.0):
+                 data_seed=0, labels=None, label_dropout=0.0, precision="fp32", snr_gamma=1.0,
+                 t_density="uniform"):
         self.model, self.schedule, self.train_steps = model, schedule, train_steps
         self.device = next(model.parameters()).device
         self.dataset = ImageTensors(data) if torch.is_tensor(data) else data
@@ -157,6 +159,9 @@ class Trainer:
         if not snr_gamma >= 1:
             raise ValueError(f"snr_gamma must be at least 1 (1: no weighting), got {snr_gamma}")
         self.snr_gamma = snr_gamma
+        if t_density not in T_DENSITIES:
+            raise ValueError(f"unknown timestep density {t_density!r}: choose one of {', '.join(T_DENSITIES)}")
+        self.t_density = t_density
         self.rank, self.world_size = rank_and_world_size()
         self.batch_size = per_process_batch(batch_size, self.world_size)  # this process's share
         self.data_seed, self.batches = data_seed, None  # the batches start where the run is, in run()
@@ -202,7 +207,8 @@ class Trainer:
         if labels is not None:
             labels = drop_labels(labels, self.model.null_class, self.label_dropout, generator=self.generator)
         with autocast(self.precision, self.device):  # the forward pass only; backward follows its dtypes
-            image_losses, t = training_losses(self.network, x0, self.schedule, generator=self.generator, y=labels)
+            image_losses, t = training_losses(self.network, x0, self.schedule, generator=self.generator, y=labels,
+                                              t_density=self.t_density)
         loss = image_losses.mean()  # the x0 error, what the run reports
         objective = loss
         if self.snr_gamma != 1:  # the loss the gradient follows: each image's x0 error weighted by its SNR

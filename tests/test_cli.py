@@ -107,6 +107,7 @@ TRAIN_FLAG_ERRORS = [
     (["--lr", "inf"], "--lr: must be a finite number above 0"),
     (["--snr_gamma", "0.5"], "--snr_gamma: must be a finite number of at least 1"),
     (["--snr_gamma", "inf"], "--snr_gamma: must be a finite number of at least 1"),
+    (["--t_density", "cubic"], "--t_density: invalid choice"),
     (["--img_size", "250", "--channel_mults", "1,2,4,8"],
      "img_size 250 does not fit a 4-level U-Net.*multiple of 8 and at least 16 \\(nearest: 248 or 256\\)"),
     (["--img_size", "0"], "--img_size: must be an integer from 1 to 2048"),

@@ -64,6 +64,18 @@ def test_timesteps_cover_zero_to_T_inclusive():
     assert t.dtype == torch.int64 and set(t.tolist()) == {0, 1, 2, 3}
 
 
+def test_the_linear_density_draws_t_in_proportion_to_t():
+    schedule = NoiseSchedule()
+    t = schedule.sample_timesteps(200_000, generator=torch.Generator().manual_seed(0), density="linear")
+    assert t.dtype == torch.int64 and t.min() >= 0 and t.max() == 1000
+    share = torch.histc(t.float(), bins=4, min=0, max=1000) / len(t)  # p(t) ~ t: 1/16, 3/16, 5/16, 7/16
+    assert share.tolist() == pytest.approx([1 / 16, 3 / 16, 5 / 16, 7 / 16], abs=0.005)
+    again = schedule.sample_timesteps(5, generator=torch.Generator().manual_seed(0), density="linear")
+    assert torch.equal(again, t[:5])
+    with pytest.raises(ValueError, match="uniform, linear"):
+        schedule.sample_timesteps(5, density="cubic")
+
+
 @pytest.mark.parametrize("max_noise", [0.0, -0.1, 1.5])
 def test_bad_max_noise_is_refused(max_noise):
     with pytest.raises(ValueError, match="max_noise"):

@@ -221,9 +221,10 @@ def test_resume_after_a_crash(snapshot, monkeypatch, capsys):
     assert torch.load(snapshot.parent / "m.pth", weights_only=True)["train"]["step"] == 6
 
 
-def test_a_weighted_run_resumes_with_its_snr_gamma_and_ends_as_if_never_stopped(tmp_path, tiny_image, monkeypatch,
-                                                                             capsys):
-    flags = ("--image_path", tiny_image, "--train_steps", 6, "--batch_size", 4, "--snr_gamma", 5, *QUICK)
+def test_a_weighted_run_resumes_with_its_snr_gamma_and_t_density_and_ends_as_if_never_stopped(
+        tmp_path, tiny_image, monkeypatch, capsys):
+    flags = ("--image_path", tiny_image, "--train_steps", 6, "--batch_size", 4, "--snr_gamma", 5,
+             "--t_density", "linear", *QUICK)
     status, _, err = run_in_process(TRAIN, *flags, "--model_save_path", tmp_path / "straight.pth",
                                     monkeypatch=monkeypatch, capsys=capsys)
     assert status == 0, err
@@ -233,7 +234,7 @@ def test_a_weighted_run_resumes_with_its_snr_gamma_and_ends_as_if_never_stopped(
                                     capsys=capsys)  # the snapshot knows its gamma
     assert status == 0, err
     straight, resumed = (torch.load(tmp_path / name, weights_only=True) for name in ("straight.pth", "m.pth"))
-    assert resumed["train"]["args"]["snr_gamma"] == 5.0
+    assert resumed["train"]["args"]["snr_gamma"] == 5.0 and resumed["train"]["args"]["t_density"] == "linear"
     assert resumed["model_sha256"] == straight["model_sha256"]
 
 
@@ -242,7 +243,8 @@ def test_a_weighted_run_resumes_with_its_snr_gamma_and_ends_as_if_never_stopped(
     [(["--lr", "0.5"], "--lr 0.5 disagrees with the run being resumed, which used 0.001"),
      (["--train_steps", "9"], "--train_steps 9 disagrees"),
      (["--img_size", "24"], "--img_size 24 disagrees"),
-     (["--snr_gamma", "5"], "--snr_gamma 5.0 disagrees with the run being resumed, which used 1.0")],
+     (["--snr_gamma", "5"], "--snr_gamma 5.0 disagrees with the run being resumed, which used 1.0"),
+     (["--t_density", "linear"], "--t_density linear disagrees with the run being resumed, which used uniform")],
 )
 def test_resume_refuses_flags_that_change_the_run(snapshot, monkeypatch, capsys, args, message):
     result = run_in_process(TRAIN, "--resume", snapshot, *args, monkeypatch=monkeypatch, capsys=capsys)

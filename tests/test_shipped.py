@@ -72,7 +72,7 @@ DIGITS = os.path.join(REPO, "model_ckpt", "digits_unet.pth")
 COND_DIGITS = os.path.join(REPO, "model_ckpt", "digits_cond_unet.pth")
 DOCUMENTED_COMMANDS = {
     CHECKPOINT: "python ddpm_train.py",
-    DIGITS: "python ddpm_train.py --digits S1",
+    DIGITS: "python ddpm_train.py --digits S1 --snr_gamma 5 --t_density linear --ema_decay 0",
     COND_DIGITS: "python ddpm_train.py --digits S1 --class_conditional",
     FULL_NOISE: "python ddpm_train.py --max_noise 1.0 --batch_size 4 --train_steps 1000 --canvas "
                 "--model_save_path model_ckpt/demo_unet_full_noise.pth",

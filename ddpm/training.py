@@ -46,7 +46,7 @@ from tqdm import tqdm
 from models.unet_model import UNet
 
 from .data import ImageTensors, LabelledImages, batch_stream, per_process_batch
-from .diffusion import T_DENSITIES, loss_weights, training_losses
+from .diffusion import loss_weights, training_losses
 from .distributed import rank_and_world_size
 from .guidance import drop_labels
 from .precision import autocast
@@ -159,9 +159,7 @@ class Trainer:
         if not snr_gamma >= 1:
             raise ValueError(f"snr_gamma must be at least 1 (1: no weighting), got {snr_gamma}")
         self.snr_gamma = snr_gamma
-        if t_density not in T_DENSITIES:
-            raise ValueError(f"unknown timestep density {t_density!r}: choose one of {', '.join(T_DENSITIES)}")
-        self.t_density = t_density
+        self.t_density = t_density  # checked where t is drawn, NoiseSchedule.sample_timesteps
         self.rank, self.world_size = rank_and_world_size()
         self.batch_size = per_process_batch(batch_size, self.world_size)  # this process's share
         self.data_seed, self.batches = data_seed, None  # the batches start where the run is, in run()

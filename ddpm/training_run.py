@@ -30,8 +30,7 @@ RUN_SETTINGS = ("img_size", "batch_size", "train_steps", "lr", "image_path", "se
 # settings added later, with the value that runs which predate them had
 LATER_SETTINGS = {"attention": False, "coords": False, "canvas": False, "image_dir": None, "num_images": None,
                   "ema_decay": 0.0, "digits": None, "class_conditional": False, "label_dropout": None,
-                  "precision": "fp32", "snr_gamma": 1.0,
-                  "t_density": "uniform"}
+                  "precision": "fp32", "snr_gamma": 1.0, "t_density": "uniform"}
 SCRIPT = "ddpm_train.py"
 EVAL_IMAGES = 8  # with a folder, the quality check denoises its first 8 images
 EVAL_T, EVAL_NOISE_SEED = 500, 0  # the quality check denoises what `python ddpm_infer.py` does by default

@@ -1,8 +1,9 @@
 """Benchmark: this project's U-Net against peer U-Nets on the demo's own task, in one run.
 
     pip install -r benchmarks/requirements.txt
-    python benchmarks/benchmark.py                 # about 25 minutes on 2 CPU cores
-    python benchmarks/benchmark.py --quick         # a smoke test: 32 px, a few steps
+    python benchmarks/benchmark.py                    # about 30 minutes on 2 CPU cores
+    python benchmarks/benchmark.py --precision bf16   # every model under the same bf16 autocast
+    python benchmarks/benchmark.py --quick            # a smoke test: 32 px, a few steps
 
 The task is the one ddpm_train.py does: fit ONE image under linear-interpolation
 noising, x_t = (1 - w) x0 + w eps, with x0 as the target, batch 1. Every model
@@ -12,7 +13,8 @@ For each image size and each model it reports:
 
 * parameters, and FLOPs per training step as torch.utils.flop_counter counts
   them (convolutions, matrix multiplies and attention, forward and backward;
-  elementwise work and the optimizer are not counted);
+  elementwise work and the optimizer are not counted; CPU_ATTENTION_FLOPS
+  gives it the attention kernel of the CPU, which it would count as 0);
 * the median step time over timed rounds, with its spread (25th-75th
   percentile). The models take turns within every round, and the ratio of each
   model's time to ours is taken round by round, so drift of the machine
@@ -20,10 +22,11 @@ For each image size and each model it reports:
   channels_last layout, as ddpm_train.py runs it; each peer in whichever of
   channels_last and the default layout a short trial finds faster for it;
 * achieved FLOP/s and its fraction of the matrix-multiply peak measured at the
-  start of the same run (fp32 on a CPU, bf16 on a GPU); and the same from the
-  step time of an uninterrupted training run (the equal-steps run below),
-  which is what training really gets: in the rounds each model starts every
-  few steps with caches full of another model's data;
+  start of the same run (on a CPU at the run's --precision, fp32 or bf16; bf16
+  on a GPU); and the same from the step time of an uninterrupted training run
+  (the equal-steps run below), which is what training really gets: in the
+  rounds each model starts every few steps with caches full of another
+  model's data;
 * quality: PSNR of the one-step output at t = 500 against the image, after the
   same number of steps and after the same wall time (each model gets as many
   steps as fit in the time ours needed, from the measured step times);
@@ -32,6 +35,10 @@ For each image size and each model it reports:
 * the end-to-end time of ``python ddpm_infer.py`` divided by the time of
   merely importing it (``python -c "import ddpm_infer"``: the script and every
   library it loads).
+
+With --precision bf16 every model, ours and the peers, trains under the same bf16
+autocast as ``ddpm_train.py --precision bf16`` (ddpm/precision.py), so the
+ratios compare like with like.
 
 Results are printed as a table and written to a JSON file (--json).
 """
@@ -52,17 +59,18 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere: ddpm/, models/ a
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
 
 from benchmarks import peers  # noqa: E402
-from ddpm.cli import (MAX_SEED, ArgumentParser, add_device_argument, int_in_range,  # noqa: E402
-                      keep_freed_memory, pick_device, run)
+from ddpm.cli import (MAX_SEED, RUNS_FOLDER, ArgumentParser, add_device_argument, at_defaults,  # noqa: E402
+                      int_in_range, keep_freed_memory, pick_device, route_outputs, run, warn)
 from ddpm.diffusion import NoiseSchedule, denoise, seeded_noise, training_losses  # noqa: E402
 from ddpm.errors import UserError  # noqa: E402
 from ddpm.files import check_writable, write_json  # noqa: E402
 from ddpm.imaging import load_image  # noqa: E402
 from ddpm.machine import cpu_name  # noqa: E402
 from ddpm.metrics import psnr  # noqa: E402
+from ddpm.precision import add_precision_argument, check_precision  # noqa: E402
 from ddpm.training import Trainer  # noqa: E402
 from models.unet_model import side_fits  # noqa: E402
 
@@ -70,6 +78,9 @@ IMAGE = REPO / "images" / "demo.png"
 EVAL_T = 500  # quality is the one-step PSNR from this timestep, as ddpm_infer.py's default
 LR = 1e-3  # ddpm_train.py's default
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+# the shipped records: the default run, and the same run with --precision bf16
+SHIPPED_RESULTS = {"fp32": str(REPO / "benchmarks" / "results.json"),
+                   "bf16": str(REPO / "benchmarks" / "results_bf16.json")}
 
 
 def sync(device):
@@ -92,16 +103,18 @@ def best_rate(work, flops, device, repeats=10):
     return flops / min(times)
 
 
-def matmul_peak(device, side=64, channels=1024):
-    """The matrix-multiply peak of this machine, FLOP/s, measured now.
+def matmul_peak(device, precision="fp32", side=64, channels=1024):
+    """The matrix-multiply peak of this machine at ``precision``, FLOP/s, measured now.
 
-    On a CPU: fp32, a (side^2 x channels) matrix times a (channels x channels)
-    one (4096 x 1024 times 1024 x 1024 by default), as torch.mm (MKL's GEMM)
-    and as the same product written as a 1x1 convolution over a side x side
-    image (oneDNN's GEMM, the library that runs the network's convolutions; on
-    some CPUs, AMD's among them, it is twice as fast as MKL's). The peak is
-    the faster of the two, so the fraction of peak is never flattered by a
-    slow reference. On a GPU: bf16, 8192 x 8192 times 8192 x 8192.
+    On a CPU: a (side^2 x channels) matrix times a (channels x channels) one
+    (4096 x 1024 times 1024 x 1024 by default), as torch.mm (MKL's GEMM) and
+    as the same product written as a 1x1 convolution over a side x side image
+    (oneDNN's GEMM, the library that runs the network's convolutions; on some
+    CPUs, AMD's among them, it is twice as fast as MKL's), in fp32, and for
+    bf16 also with both operands in bf16 (what autocast hands those kernels).
+    The peak is the fastest at the run's precision, so the fraction of peak is
+    never flattered by a slow reference. On a GPU: bf16, 8192 x 8192 times
+    8192 x 8192.
     """
     if device.type == "cuda":
         n = 8192
@@ -114,7 +127,12 @@ def matmul_peak(device, side=64, channels=1024):
     flops = 2 * m * k * k
     rates = {"torch.mm fp32": best_rate(lambda: a @ b, flops, device),
              "1x1 conv fp32": best_rate(lambda: F.conv2d(image, kernel), flops, device)}
-    return {"rates": rates, "peak": max(rates.values()), "shape": [m, k, k]}
+    if precision == "bf16":
+        a16, b16, image16, kernel16 = (x.to(torch.bfloat16) for x in (a, b, image, kernel))
+        rates["torch.mm bf16"] = best_rate(lambda: a16 @ b16, flops, device)
+        rates["1x1 conv bf16"] = best_rate(lambda: F.conv2d(image16, kernel16), flops, device)
+    peak = max(rate for name, rate in rates.items() if name.endswith(precision))
+    return {"rates": rates, "peak": peak, "shape": [m, k, k]}
 
 
 def matmul_as_conv(a, b, side):
@@ -131,16 +149,32 @@ def eval_input(x0, schedule, seed):
     return schedule.add_noise(x0, torch.tensor([EVAL_T]), seeded_noise(x0, seed))
 
 
-def new_trainer(model, x0, schedule, steps, seed, device):
-    """The training loop of ddpm_train.py, its random draws (every t and eps) seeded."""
-    return Trainer(model, x0, schedule, steps, LR, generator=torch.Generator(device=device).manual_seed(seed))
+def new_trainer(model, x0, schedule, steps, seed, device, precision="fp32"):
+    """The training loop of ddpm_train.py, its random draws (every t and eps) seeded; ``precision`` bf16 runs
+    the forward pass under ddpm_train.py's bf16 autocast, whichever network it is."""
+    return Trainer(model, x0, schedule, steps, LR, generator=torch.Generator(device=device).manual_seed(seed),
+                   precision=precision)
+
+
+# torch's FlopCounterMode has formulas for the attention kernels of CUDA, but not for the one that
+# F.scaled_dot_product_attention runs on a CPU, which it would count as 0 FLOPs. These give that kernel
+# torch's own formulas for attention: softmax(q k^T) v is two batched matrix products forward; the
+# backward pass is five, since this flash kernel recomputes q k^T rather than keep the attention matrix.
+aten = torch.ops.aten
+CPU_ATTENTION_FLOPS = {
+    aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda query, key, value, *args, out_shape=None, **kwargs: sdpa_flop_count(query, key, value),
+    aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad_out, query, key, value, *args, out_shape=None, **kwargs:
+            sdpa_backward_flop_count(grad_out, query, key, value),
+}
 
 
 def flops_per_step(model, x0, schedule, device):
     """FLOPs of one forward and backward pass of the training loss, on a copy of the model."""
     model = copy.deepcopy(model)
     generator = torch.Generator(device=device).manual_seed(0)
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
         losses, _ = training_losses(model, x0, schedule, generator=generator)
         losses.mean().backward()
     return counter.get_total_flops()
@@ -156,7 +190,7 @@ def time_steps(trainer, steps, device):
     return (time.perf_counter() - start) / steps
 
 
-def pick_memory_format(name, x0, schedule, device, seed, rounds=3, steps=2):
+def pick_memory_format(name, x0, schedule, device, seed, precision, rounds=3, steps=2):
     """The memory format this model trains in: ours as ddpm_train.py runs it (channels_last); each peer
     in whichever of the two formats is faster for it, by a short trial in which the formats alternate."""
     if name == peers.OURS:
@@ -164,7 +198,7 @@ def pick_memory_format(name, x0, schedule, device, seed, rounds=3, steps=2):
     trainers = {}
     for label, memory_format in MEMORY_FORMATS.items():
         model = peers.build(name, seed).to(device, memory_format=memory_format)
-        trainers[label] = new_trainer(model, x0, schedule, 3 + rounds * steps, seed, device)
+        trainers[label] = new_trainer(model, x0, schedule, 3 + rounds * steps, seed, device, precision)
         time_steps(trainers[label], 3, device)  # warm-up
     trials = {label: [] for label in trainers}
     for _ in range(rounds):
@@ -173,12 +207,13 @@ def pick_memory_format(name, x0, schedule, device, seed, rounds=3, steps=2):
     return min(trials, key=lambda label: statistics.median(trials[label]))
 
 
-def timed_rounds(names, formats, x0, schedule, device, seed, rounds, steps_per_round, warmup):
+def timed_rounds(names, formats, x0, schedule, device, seed, precision, rounds, steps_per_round, warmup):
     """Per model, the step time of every round; the models take turns within each round."""
     trainers = {}
     for name in names:
         model = peers.build(name, seed).to(device, memory_format=MEMORY_FORMATS[formats[name]])
-        trainers[name] = new_trainer(model, x0, schedule, warmup + rounds * steps_per_round, seed, device)
+        trainers[name] = new_trainer(model, x0, schedule, warmup + rounds * steps_per_round, seed, device,
+                                     precision)
         trainers[name].model.train()
         time_steps(trainers[name], warmup, device)
     times = {name: [] for name in names}
@@ -189,10 +224,10 @@ def timed_rounds(names, formats, x0, schedule, device, seed, rounds, steps_per_r
     return times
 
 
-def train_and_score(name, fmt, x0, x_t, schedule, device, seed, steps):
+def train_and_score(name, fmt, x0, x_t, schedule, device, seed, precision, steps):
     """Train a fresh model for ``steps`` steps; return (PSNR of its one-step output at t = 500, seconds)."""
     model = peers.build(name, seed).to(device, memory_format=MEMORY_FORMATS[fmt])
-    trainer = new_trainer(model, x0, schedule, steps, seed, device)
+    trainer = new_trainer(model, x0, schedule, steps, seed, device, precision)
     sync(device)
     start = time.perf_counter()
     trainer.run(show_progress=False)
@@ -202,7 +237,7 @@ def train_and_score(name, fmt, x0, x_t, schedule, device, seed, steps):
     return psnr(x0_hat, x0.cpu()), seconds
 
 
-def memory_probe(name, size, device, fmt, seed):
+def memory_probe(name, size, device, fmt, seed, precision):
     """Run in a child process: the memory three training steps take above what was in use before, MiB."""
     schedule = NoiseSchedule()
     x0 = load_image(str(IMAGE), size).to(device)
@@ -216,7 +251,7 @@ def memory_probe(name, size, device, fmt, seed):
         before = torch.cuda.memory_allocated(device)
     else:
         before = resident_memory(reset_peak=True)["now"]
-    trainer = new_trainer(model, x0, schedule, 3, seed, device)
+    trainer = new_trainer(model, x0, schedule, 3, seed, device, precision)
     trainer.run(show_progress=False)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
@@ -254,19 +289,19 @@ def resident_memory(reset_peak=False):
     return {"now": fields["VmRSS"], "peak": fields["VmHWM"]}
 
 
-def measure_memory(name, size, device, fmt, seed):
+def measure_memory(name, size, device, fmt, seed, precision):
     """memory_probe in a fresh interpreter, so one model's peak cannot hide another's."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--_memory_probe", name,
-               "--sizes", str(size), "--device", device.type, "--seed", str(seed), "--_format", fmt]
+    command = [sys.executable, str(Path(__file__).resolve()), "--_memory_probe", name, "--sizes", str(size),
+               "--device", device.type, "--seed", str(seed), "--_format", fmt, "--precision", precision]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def infer_overhead(device, repeats):
+def infer_overhead(device, precision, repeats):
     """Median seconds of ``python ddpm_infer.py`` and of importing it, alternating; and their ratio."""
     with tempfile.TemporaryDirectory() as scratch:
         run_it = [sys.executable, "ddpm_infer.py", "--result_path", os.path.join(scratch, "result.png"),
-                  "--device", device.type]
+                  "--device", device.type, "--precision", precision]
         import_it = [sys.executable, "-c", "import ddpm_infer"]
         times = {"run": [], "import": []}
         for _ in range(repeats):
@@ -297,13 +332,13 @@ def bench_size(size, names, args, device, peak, log):
         model = peers.build(name, args.seed).to(device)
         results[name]["params"] = peers.parameter_count(model)
         results[name]["flops_per_step"] = flops_per_step(model, x0, schedule, device)
-        results[name]["memory_format"] = pick_memory_format(name, x0, schedule, device, args.seed)
+        results[name]["memory_format"] = pick_memory_format(name, x0, schedule, device, args.seed, args.precision)
     peers.check_parameter_budget({name: r["params"] for name, r in results.items()})
     log(f"{size} px: timing {args.rounds} rounds of {args.steps_per_round} steps")
 
     formats = {name: r["memory_format"] for name, r in results.items()}
-    times = timed_rounds(names, formats, x0, schedule, device, args.seed, args.rounds, args.steps_per_round,
-                         args.warmup)
+    times = timed_rounds(names, formats, x0, schedule, device, args.seed, args.precision, args.rounds,
+                         args.steps_per_round, args.warmup)
     for name in names:
         step_s = statistics.median(times[name])
         ratios = [mine / ours for mine, ours in zip(times[name], times[peers.OURS])]
@@ -321,7 +356,7 @@ def bench_size(size, names, args, device, peak, log):
         log(f"{size} px: training {name}")
         r = results[name]
         r["psnr_equal_steps"], r["seconds_equal_steps"] = train_and_score(
-            name, r["memory_format"], x0, x_t, schedule, device, args.seed, args.quality_steps)
+            name, r["memory_format"], x0, x_t, schedule, device, args.seed, args.precision, args.quality_steps)
         r["step_ms_continuous"] = r["seconds_equal_steps"] / args.quality_steps * 1e3
         r["fraction_of_peak_continuous"] = r["flops_per_step"] / (r["step_ms_continuous"] / 1e3) / peak
         if name == peers.OURS:
@@ -329,9 +364,10 @@ def bench_size(size, names, args, device, peak, log):
         else:  # as many steps as fit in the time ours took for quality_steps, by the measured step times
             r["steps_equal_time"] = max(1, round(args.quality_steps * ours_step_s / (r["step_ms"] / 1e3)))
             r["psnr_equal_time"], _ = train_and_score(
-                name, r["memory_format"], x0, x_t, schedule, device, args.seed, r["steps_equal_time"])
+                name, r["memory_format"], x0, x_t, schedule, device, args.seed, args.precision,
+                r["steps_equal_time"])
         if not args.skip_memory:
-            r["peak_memory_mb"] = measure_memory(name, size, device, r["memory_format"], args.seed)
+            r["peak_memory_mb"] = measure_memory(name, size, device, r["memory_format"], args.seed, args.precision)
     return results
 
 
@@ -381,10 +417,18 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int_in_range(0, MAX_SEED), default=0,
                         help="seed of the weights and of every t and eps")
     add_device_argument(parser)
-    parser.add_argument("--json", default="benchmarks/results.json", help="where to write the results")
+    add_precision_argument(parser)
+    parser.add_argument("--json", default=None,
+                        help="where to write the results (default: benchmarks/results.json for the default "
+                             "settings, benchmarks/results_bf16.json for them with --precision bf16; the same "
+                             "name under runs/benchmark/ for any other, so that a shipped record stays the "
+                             "documented command's)")
     parser.add_argument("--_memory_probe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_format", default="contiguous", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # the shipped record's run: every setting at its default (or bf16) and every peer installed
+    shipped_run = at_defaults(parser, args, ignore=("json", "precision")) and peers.available() == list(peers.MODELS)
+    route_outputs(args, {"json": SHIPPED_RESULTS[args.precision]}, shipped_run, str(REPO / RUNS_FOLDER / "benchmark"))
     if args.quick:
         args.sizes, args.rounds, args.quality_steps, args.warmup, args.infer_repeats = "32", 2, 10, 1, 1
     try:
@@ -410,7 +454,7 @@ def main(argv=None):
     keep_freed_memory()  # as ddpm_train.py does, for every model alike
     device = pick_device(args.device)
     if args._memory_probe:
-        print(memory_probe(args._memory_probe, args.sizes[0], device, args._format, args.seed))
+        print(memory_probe(args._memory_probe, args.sizes[0], device, args._format, args.seed, args.precision))
         return None
     check_writable(args.json, "--json")  # before half an hour of work, not after
     started = time.perf_counter()
@@ -418,7 +462,8 @@ def main(argv=None):
     def log(message):
         print(f"[{time.perf_counter() - started:6.0f} s] {message}", file=sys.stderr, flush=True)
 
-    peak = matmul_peak(device)
+    check_precision(args.precision, device, warn)
+    peak = matmul_peak(device, args.precision)
     log("matmul peak " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak["rates"].items()))
     report = {
         "command": "python " + " ".join([os.path.relpath(__file__, REPO), *(argv or sys.argv[1:])]),
@@ -435,7 +480,7 @@ def main(argv=None):
         report["sizes"][str(size)] = bench_size(size, args.models, args, device, peak["peak"], log)
     if not args.skip_infer:
         log("timing ddpm_infer.py")
-        report["infer"] = infer_overhead(device, args.infer_repeats)
+        report["infer"] = infer_overhead(device, args.precision, args.infer_repeats)
     report["seconds"] = time.perf_counter() - started
 
     print(format_report(report))
@@ -461,13 +506,15 @@ def library_version(package):
 def format_report(report):
     """The whole report as Markdown: machine, peak, one table per size, the inference overhead."""
     m, peak = report["machine"], report["matmul_peak"]
+    precision = report["settings"].get("precision", "fp32")  # records older than --precision are fp32
     header = [
         f"`{report['command']}` on {m['gpu'] or m['processor'] or m['platform']} "
-        f"({m['device']}, {m['torch_threads']} threads), torch {report['versions']['torch']}",
+        f"({m['device']}, {m['torch_threads']} threads, {precision}), "
+        f"torch {report['versions']['torch']}",
         "",
         "Matrix-multiply peak, measured in this run: "
         + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak["rates"].items())
-        + f"; peak = {peak['peak'] / 1e9:.0f} GFLOP/s",
+        + f"; peak at {precision} = {peak['peak'] / 1e9:.0f} GFLOP/s",
     ]
     tables = [format_table(size, results, report["settings"]["quality_steps"])
               for size, results in report["sizes"].items()]

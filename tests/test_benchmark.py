@@ -8,6 +8,7 @@ speed: the benchmark measures speed, the tests check how it measures.
 import json
 import math
 import os
+import subprocess
 
 import pytest
 import torch
@@ -47,6 +48,32 @@ def test_flops_per_step_counts_forward_and_backward_of_a_known_network():
     assert flops == 2 * forward  # forward + weight gradient
 
 
+def test_flops_per_step_counts_attention_on_the_cpu_as_its_matrix_products():
+    """Our attention block gets its FLOPs on the CPU (torch's counter alone gives its kernel 0). In the default
+    layout PyTorch writes the attention out as matrix products, which the counter knows; in channels_last, as
+    ddpm_train.py runs, it takes the CPU's flash kernel: the same count, plus the one q k^T that kernel
+    recomputes in its backward pass."""
+    from models.unet_model import AttentionBlock
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = AttentionBlock(16)
+
+        def forward(self, x, t):
+            return self.block(x)
+
+    torch.manual_seed(0)
+    model, x0 = Attention(), torch.zeros(2, 16, 8, 8)
+    written_out = benchmark.flops_per_step(model, x0, NoiseSchedule(), torch.device("cpu"))
+    flash = benchmark.flops_per_step(model.to(memory_format=torch.channels_last),
+                                     x0.to(memory_format=torch.channels_last), NoiseSchedule(), torch.device("cpu"))
+    convolutions = 3 * (2 * 2 * 64 * 16 * 48 + 2 * 2 * 64 * 16 * 16)  # qkv and proj_out, forward and backward
+    one_product = 2 * 2 * 64 * 64 * 16  # q k^T: (64 x 16) times (16 x 64), for each of 2 images
+    assert written_out == convolutions + 6 * one_product  # 2 products forward, 4 backward
+    assert flash == written_out + one_product
+
+
 def test_flops_per_step_leaves_the_model_untouched():
     model = peers.build(peers.OURS)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -59,6 +86,37 @@ def test_matmul_peak_reports_every_rate_and_the_fastest_as_peak():
     peak = benchmark.matmul_peak(torch.device("cpu"), side=8, channels=32)
     assert set(peak["rates"]) == {"torch.mm fp32", "1x1 conv fp32"}
     assert peak["peak"] == max(peak["rates"].values()) > 0
+
+
+def test_a_bf16_run_measures_the_bf16_peak_too_and_is_judged_against_it():
+    peak = benchmark.matmul_peak(torch.device("cpu"), "bf16", side=8, channels=32)
+    rates = peak["rates"]
+    assert set(rates) == {"torch.mm fp32", "1x1 conv fp32", "torch.mm bf16", "1x1 conv bf16"}
+    assert peak["peak"] == max(rates["torch.mm bf16"], rates["1x1 conv bf16"]) > 0
+
+
+def test_a_bf16_benchmark_trains_every_model_under_the_bf16_autocast(monkeypatch):
+    """The precision reaches the training step (ours and a peer alike), and the memory probe's child and the
+    timed ddpm_infer.py are told it too."""
+    x0 = torch.rand(1, 3, 16, 16) * 2 - 1
+    schedule = NoiseSchedule()
+    x_t = benchmark.eval_input(x0, schedule, 0)
+    scores = {p: benchmark.train_and_score("ours", "channels_last", x0, x_t, schedule, torch.device("cpu"), 0, p, 2)[0]
+              for p in ("fp32", "bf16")}
+    assert scores["fp32"] != scores["bf16"]
+    assert benchmark.new_trainer(torch.nn.Conv2d(3, 3, 1), x0, schedule, 1, 0, torch.device("cpu"),
+                                 "bf16").precision == "bf16"
+    commands = []
+
+    def child(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout="12.5\n", stderr="")
+
+    monkeypatch.setattr(benchmark.subprocess, "run", child)
+    assert benchmark.measure_memory("ours", 16, torch.device("cpu"), "channels_last", 0, "bf16") == 12.5
+    benchmark.infer_overhead(torch.device("cpu"), "bf16", repeats=1)
+    memory, _, infer = commands  # the probe, then ddpm_infer.py imported and run
+    assert memory[-2:] == infer[-2:] == ["--precision", "bf16"]
 
 
 def test_the_1x1_convolution_of_the_peak_is_the_same_matrix_product():
@@ -226,6 +284,22 @@ def test_benchmarks_readme_shows_the_profile_that_profile_step_wrote():
     total = sum(record["ms_per_step"].values())
     assert f"({total:.0f} ms per step under the profiler.)" in readme
     assert f"peak in the same run was {record['peak_flops'] / 1e9:.0f} GFLOP/s" in readme
+
+
+def test_the_benchmark_writes_a_shipped_record_only_at_the_default_settings_with_every_peer(monkeypatch):
+    """The default run writes benchmarks/results.json, and with --precision bf16 results_bf16.json; a run with
+    other settings, or without every peer installed, writes under runs/benchmark/; a path typed is kept."""
+    own = os.path.join(REPO, "runs", "benchmark", "results.json")
+    monkeypatch.setattr(peers, "available", lambda: list(peers.MODELS))  # as if benchmarks/requirements.txt were in
+    assert benchmark.parse_args([]).json == os.path.join(REPO, "benchmarks", "results.json")
+    assert benchmark.parse_args(["--precision", "bf16"]).json == os.path.join(REPO, "benchmarks", "results_bf16.json")
+    for other in (["--sizes", "64"], ["--quick"], ["--models", "ours,diffusers"], ["--rounds", "2"]):
+        assert benchmark.parse_args(other).json == own, other
+    assert benchmark.parse_args(["--quick", "--precision", "bf16"]).json == os.path.join(
+        REPO, "runs", "benchmark", "results_bf16.json")
+    assert benchmark.parse_args(["--json", "mine.json"]).json == "mine.json"
+    monkeypatch.setattr(peers, "available", lambda: [peers.OURS])
+    assert benchmark.parse_args([]).json == own
 
 
 def test_the_profile_and_the_browser_timings_write_their_shipped_record_only_at_the_default_settings():

@@ -1,17 +1,19 @@
 """bf16 against fp32: how much faster each step is, what it costs in quality, and which layers must stay fp32.
 
     python benchmarks/precision.py                  # speed, inference, and five whole default runs
-    python benchmarks/precision.py --parts speed    # speed and inference only: about 3 minutes
+    python benchmarks/precision.py --parts speed    # speed only: about 5 minutes
 
 Three parts, written together to benchmarks/precision.json with the machine they ran on:
 
 * speed: median milliseconds per step of each workload in fp32 and under bf16 autocast
   (ddpm/precision.py), the two taking turns round by round so that drift of the machine cancels:
   the default training step (256 px, batch 1), the 28 px digit generator's step at the width
-  model_ckpt/digits_unet.pth has (base 16) and at twice it, and one forward pass of each shipped
-  network for inference;
+  model_ckpt/digits_unet.pth has (base 16) and at twice it, each also under plain autocast (the
+  GroupNorms and the output layer left to it), and one forward pass of each shipped network for
+  inference;
 * inference: the shipped denoiser's PSNR, and the shipped digit generator's samples, in bf16 against fp32;
-* quality: the whole default run of ``python ddpm_train.py`` (3,000 steps, seed 0), once per recipe,
+* quality: the whole default run of ``python ddpm_train.py`` (3,000 steps), once per recipe and seed
+  (--seeds; the seed sets the initial weights and every t and eps, as ddpm_train.py --seed does),
   ending with the PSNR of one-step denoising at t = 500 that the run record quotes. The recipes:
   fp32; bf16 as ddpm/precision.py runs it (every GroupNorm and the output layer in float32); bf16 with
   the GroupNorms left to autocast; with the output layer left to it; and with both (plain autocast).
@@ -33,7 +35,7 @@ import torch  # noqa: E402
 
 from benchmarks.benchmark import write_results  # noqa: E402
 from ddpm.checkpoint import load_checkpoint  # noqa: E402
-from ddpm.cli import ArgumentParser, int_in_range, keep_freed_memory, run  # noqa: E402
+from ddpm.cli import MAX_SEED, ArgumentParser, int_in_range, keep_freed_memory, run  # noqa: E402
 from ddpm.diffusion import NoiseSchedule, denoise, generate, seeded_noise  # noqa: E402
 from ddpm.files import check_writable  # noqa: E402
 from ddpm.imaging import load_image  # noqa: E402
@@ -72,12 +74,14 @@ def layers_in_fp32(norms, output):
         GroupNorm.in_fp32, UNet.output_in_fp32 = saved
 
 
-def default_trainer(x0, steps, precision, settings=DEFAULT_RUN):
-    """The Trainer of ``python ddpm_train.py``: the same initial weights, recipe and random draws."""
-    torch.manual_seed(settings["seed"])
+def default_trainer(x0, steps, precision, settings=DEFAULT_RUN, seed=None):
+    """The Trainer of ``python ddpm_train.py`` (with ``--seed seed``, if given): the same initial weights,
+    recipe and random draws."""
+    seed = settings["seed"] if seed is None else seed
+    torch.manual_seed(seed)
     model = UNet(3, settings["base_channels"], settings["channel_mults"]).to(memory_format=torch.channels_last)
     return Trainer(model, x0, NoiseSchedule(max_noise=settings["max_noise"]), steps, settings["lr"],
-                   generator=torch.Generator().manual_seed(settings["seed"]), precision=precision)
+                   generator=torch.Generator().manual_seed(seed), precision=precision)
 
 
 def digits_trainer(base_channels, precision, steps):
@@ -114,18 +118,29 @@ def forward_pass(model, x, t):
     return {"fp32": lambda: once("fp32"), "bf16": lambda: once("bf16")}
 
 
+def training_steps(make_trainer, recipe, rounds):
+    """interleaved() for training steps: fp32 against bf16 as ``recipe`` runs it, each on its own trainer."""
+    _, norms, output = RECIPES[recipe]
+    train = {p: make_trainer(p) for p in ("fp32", "bf16")}
+
+    def bf16_step():
+        with layers_in_fp32(norms, output):
+            train["bf16"].train_step()
+    return interleaved({"fp32": train["fp32"].train_step, "bf16": bf16_step}, rounds, 2)
+
+
 def speed(rounds, log):
     x0 = load_image(str(IMAGE), DEFAULT_RUN["img_size"])
     rows = {}
-    steps = rounds * 2 + 2
-    train = {p: default_trainer(x0, steps * 4, p) for p in ("fp32", "bf16")}
-    rows["training step, 256 px, batch 1, base 16 (the default run)"] = interleaved(
-        {p: t.train_step for p, t in train.items()}, rounds, 2)
-    log(rows)
+    steps = (rounds + 1) * 2 * 2  # every round and the warm-up, two steps each, and room to spare
+    workloads = {"training step, 256 px, batch 1, base 16 (the default run)":
+                 lambda p: default_trainer(x0, steps, p)}
     for base in (16, 32):
-        train = {p: digits_trainer(base, p, steps * 4) for p in ("fp32", "bf16")}
-        rows[f"training step, 28 px digits, batch 64, base {base}"] = interleaved(
-            {p: t.train_step for p, t in train.items()}, rounds, 2)
+        workloads[f"training step, 28 px digits, batch 64, base {base}"] = (
+            lambda p, base=base: digits_trainer(base, p, steps))
+    for name, make_trainer in workloads.items():
+        rows[name] = training_steps(make_trainer, "bf16", rounds)
+        rows[f"{name}, plain autocast"] = training_steps(make_trainer, "bf16-plain-autocast", rounds)
         log(rows)
     demo = load_checkpoint(str(DEMO))[0].to(memory_format=torch.channels_last)
     rows["denoiser forward, 256 px, batch 1 (ddpm_infer.py)"] = interleaved(
@@ -165,20 +180,28 @@ def inference_quality():
     return result
 
 
-def whole_run(recipe, steps, log):
-    """The default run with one recipe: (PSNR of one-step denoising at t = 500 at the end, in fp32, seconds)."""
+def whole_run(recipe, steps, seed, log):
+    """The default run with one recipe and seed: the PSNR of one-step denoising at t = 500 at its end (in
+    fp32), its seconds and its final loss."""
     precision, norms, output = RECIPES[recipe]
     x0 = load_image(str(IMAGE), DEFAULT_RUN["img_size"])
-    trainer = default_trainer(x0, steps, precision)
+    trainer = default_trainer(x0, steps, precision, seed=seed)
     start = time.perf_counter()
     with layers_in_fp32(norms, output):
         trainer.run(show_progress=False)
     seconds = time.perf_counter() - start
     x_t = trainer.schedule.add_noise(x0, torch.tensor([EVAL_T]), seeded_noise(x0, EVAL_NOISE_SEED))
     value = psnr(denoise(trainer.model.eval(), x_t, EVAL_T, trainer.schedule), x0)
-    log(f"{recipe}: {value:.2f} dB after {steps} steps, {seconds:.0f} s")
-    return {"psnr_db": value, "wall_time_s": round(seconds, 1), "final_loss": trainer.final_loss(),
-            "precision": precision, "groupnorm_fp32": norms, "output_fp32": output}
+    log(f"{recipe}, seed {seed}: {value:.2f} dB after {steps} steps, {seconds:.0f} s")
+    return {"seed": seed, "psnr_db": value, "wall_time_s": round(seconds, 1), "final_loss": trainer.final_loss()}
+
+
+def recipe_runs(recipe, steps, seeds, log):
+    """Every seed's whole run with one recipe, and the mean PSNR."""
+    precision, norms, output = RECIPES[recipe]
+    runs = [whole_run(recipe, steps, seed, log) for seed in seeds]
+    return {"precision": precision, "groupnorm_fp32": norms, "output_fp32": output, "runs": runs,
+            "psnr_db_mean": statistics.mean(r["psnr_db"] for r in runs)}
 
 
 def format_report(report):
@@ -197,11 +220,24 @@ def format_report(report):
                 lines.append(f"| {name} | | | mean {r['mean_abs_difference']:.4f}, max {r['max_abs_difference']:.3f}"
                              f" ({r['bf16_against_fp32_psnr_db']:.1f} dB) |")
     if "quality" in report:
+        seeds = " / ".join(f"seed {s}" for s in report["quality_seeds"])
         lines += ["", f"| whole default run ({report['quality_steps']} steps), recipe | GroupNorm | output layer | "
-                  f"PSNR at t = {EVAL_T}, dB |", "|---|---|---|---:|"]
+                  f"PSNR at t = {EVAL_T}, dB: {seeds} | mean |", "|---|---|---|---:|---:|"]
         lines += [f"| {name} | {'fp32' if r['groupnorm_fp32'] else 'bf16'} | {'fp32' if r['output_fp32'] else 'bf16'} "
-                  f"| {r['psnr_db']:.2f} |" for name, r in report["quality"].items()]
+                  f"| {' / '.join(format(run['psnr_db'], '.2f') for run in r['runs'])} | {r['psnr_db_mean']:.2f} |"
+                  for name, r in report["quality"].items()]
     return "\n".join(lines)
+
+
+def seed_list(text):
+    """--seeds: distinct integers from 0 to MAX_SEED, comma-separated."""
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
+    if any(not 0 <= s <= MAX_SEED for s in seeds) or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"must be distinct seeds from 0 to {MAX_SEED}, got {text!r}")
+    return seeds
 
 
 def parse_args(argv=None):
@@ -214,6 +250,8 @@ def parse_args(argv=None):
                         help="steps of each whole run (default: the default run's 3000)")
     parser.add_argument("--recipes", default=",".join(RECIPES),
                         help="comma-separated recipes of the quality part (default: all five)")
+    parser.add_argument("--seeds", type=seed_list, default=[DEFAULT_RUN["seed"]],
+                        help="comma-separated seeds of the quality part's runs (default: 0, the default run's)")
     parser.add_argument("--output", default="benchmarks/precision.json", help="where to write the JSON results")
     args = parser.parse_args(argv)
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -239,8 +277,9 @@ def main(argv=None):
     if "inference" in args.parts:
         report["inference"] = inference_quality()
     if "quality" in args.parts:
-        report["quality_steps"] = args.quality_steps
-        report["quality"] = {r: whole_run(r, args.quality_steps, lambda s: print(s, flush=True)) for r in args.recipes}
+        report["quality_steps"], report["quality_seeds"] = args.quality_steps, args.seeds
+        report["quality"] = {r: recipe_runs(r, args.quality_steps, args.seeds, lambda s: print(s, flush=True))
+                             for r in args.recipes}
     print(format_report(report))
     write_results(args.output, report)
 

@@ -190,27 +190,33 @@ def test_bf16_inference_and_sampling_stay_close_to_fp32(tmp_path, monkeypatch, c
 
 
 @pytest.mark.slow
-def test_the_precision_benchmark_measures_each_recipe_and_puts_the_layers_back(tmp_path):
+def test_the_precision_benchmark_measures_each_recipe_and_seed_and_puts_the_layers_back(tmp_path):
     import subprocess
     import sys
 
     out = tmp_path / "precision.json"
     done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "precision.py"), "--parts", "quality",
-                           "--quality_steps", "2", "--recipes", "fp32,bf16-plain-autocast", "--output", str(out)],
-                          capture_output=True, text=True, timeout=300)
+                           "--quality_steps", "2", "--recipes", "fp32,bf16-plain-autocast", "--seeds", "0,3",
+                           "--output", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     assert list(report["quality"]) == ["fp32", "bf16-plain-autocast"] and report["quality_steps"] == 2
-    assert report["quality"]["bf16-plain-autocast"] == {**report["quality"]["bf16-plain-autocast"],
-                                                        "precision": "bf16", "groupnorm_fp32": False,
-                                                        "output_fp32": False}
-    assert report["quality"]["fp32"]["psnr_db"] != report["quality"]["bf16-plain-autocast"]["psnr_db"]
+    assert report["quality_seeds"] == [0, 3]
+    plain, fp32 = report["quality"]["bf16-plain-autocast"], report["quality"]["fp32"]
+    assert plain == {**plain, "precision": "bf16", "groupnorm_fp32": False, "output_fp32": False}
+    assert [run["seed"] for run in plain["runs"]] == [run["seed"] for run in fp32["runs"]] == [0, 3]
+    assert plain["psnr_db_mean"] == pytest.approx(sum(run["psnr_db"] for run in plain["runs"]) / 2)
+    assert fp32["runs"][0]["psnr_db"] != plain["runs"][0]["psnr_db"]  # the recipe reached the run
+    assert fp32["runs"][0]["psnr_db"] != fp32["runs"][1]["psnr_db"]  # and so did the seed
     assert "cpu_flags" in report["machine"] and isinstance(report["native_bf16"], bool)
     assert "| bf16-plain-autocast | bf16 | bf16 |" in done.stdout
 
     bad = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "precision.py"), "--recipes", "fp16"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown part or recipe: fp16" in bad.stderr
+    bad = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "precision.py"), "--seeds", "0,0"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--seeds: must be distinct seeds" in bad.stderr
 
 
 def test_layers_in_fp32_puts_the_network_back_as_it_was():

@@ -307,6 +307,19 @@ def test_the_bf16_page_shows_what_benchmarks_precision_py_measured():
     assert report["native_bf16"] and {"speed", "inference", "quality"} <= set(report)
     assert report["quality"]["bf16"]["groupnorm_fp32"] and report["quality"]["bf16"]["output_fp32"]
     assert report["quality_steps"] == 3000  # whole default runs
+    # the lesson is drawn from fp32 and bf16 at the same seeds, more than one, and the prose quotes the record
+    assert {"fp32", "bf16"} <= set(report["quality"]) and len(report["quality_seeds"]) >= 2
+    fp32, bf16 = report["quality"]["fp32"], report["quality"]["bf16"]
+    page = readme("benchmarks/README.md")
+    for recipe in (fp32, bf16):
+        assert f"{recipe['psnr_db_mean']:.2f} dB" in page
+    spread = max(r["psnr_db"] for r in fp32["runs"]) - min(r["psnr_db"] for r in fp32["runs"])
+    assert f"{spread:.2f} dB" in page
+    speed = report["speed"]
+    for name in ("training step, 256 px, batch 1, base 16 (the default run)",
+                 "training step, 28 px digits, batch 64, base 16"):
+        for row in (name, f"{name}, plain autocast"):
+            assert f"{speed[row]['speedup']:.2f}x" in page
 
 
 def test_the_own_photo_timings_are_the_ones_benchmarks_own_photo_wrote():

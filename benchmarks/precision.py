@@ -230,13 +230,10 @@ def format_report(report):
 
 
 def seed_list(text):
-    """--seeds: distinct integers from 0 to MAX_SEED, comma-separated."""
-    try:
-        seeds = [int(s) for s in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
-    if any(not 0 <= s <= MAX_SEED for s in seeds) or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"must be distinct seeds from 0 to {MAX_SEED}, got {text!r}")
+    """--seeds: distinct seeds, comma-separated, each one as --seed takes it (0 to MAX_SEED)."""
+    seeds = [int_in_range(0, MAX_SEED)(s) for s in text.split(",")]
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"must be distinct seeds, got {text!r}")
     return seeds
 
 

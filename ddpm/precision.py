@@ -34,7 +34,7 @@ def add_precision_argument(parser):
         "--precision", default=DEFAULT_PRECISION, choices=PRECISIONS,
         help="fp32, or bf16: the convolutions and attention in bfloat16 (torch.autocast), weights, optimizer "
              "and loss in float32; faster where the CPU has AVX512-BF16 or AMX, or on a GPU of compute "
-             "capability 8.0 and up (default: fp32)",
+             "capability 8.0 and up",
     )
 
 

@@ -1,5 +1,6 @@
 """CLI tier: the real scripts, as a user runs them, on a tiny image in a temporary folder."""
 
+import glob
 import json
 import os
 import platform
@@ -60,6 +61,20 @@ def test_help_lists_every_flag_with_its_default(monkeypatch, capsys):
                           ("--result_path", "images/inference_result.png"), ("--output_path", "not saved"),
                           ("--t", "500"), ("--seed", "0"), ("--device", "auto")]:
         assert re.search(re.escape(flag) + r".*?\(default: " + re.escape(default), out, re.S), flag
+
+
+SCRIPTS_WITH_FLAGS = sorted(  # every script a user runs with flags: the top level, experiments/, benchmarks/
+    os.path.relpath(path, REPO) for folder in ("", "experiments", "benchmarks")
+    for path in glob.glob(os.path.join(REPO, folder, "*.py")) if "ArgumentParser(" in open(path).read())
+
+
+@pytest.mark.parametrize("script", SCRIPTS_WITH_FLAGS)
+def test_help_states_each_default_once(script, monkeypatch, capsys):
+    """The help formatter adds "(default: ...)"; a flag whose own help says it too would show it twice."""
+    status, out, _ = run_in_process(os.path.join(REPO, script), "--help", monkeypatch=monkeypatch, capsys=capsys)
+    out = " ".join(out.split())
+    assert status == 0
+    assert not re.search(r"\(default: ([^)]*)\) \(default: \1\)", out), script
 
 
 def test_help_states_the_accepted_values_and_the_warm_up(monkeypatch, capsys):

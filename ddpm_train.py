@@ -26,7 +26,9 @@ digits' labels, or the sub-folder of --image_dir it lies in) and, at the rate
 
 Each picture (or folder) gets its own checkpoint, model_ckpt/<stem>_unet.pth
 (<stem>_cond_unet.pth with classes), unless --model_save_path says otherwise;
-a checkpoint of other pictures is never replaced without that flag.
+without that flag a run replaces only a checkpoint of the same pictures and
+settings (so `python ddpm_train.py` remakes the shipped model, and
+`python ddpm_train.py --train_steps 100` is refused there).
 
 Under torchrun every process runs this script: each trains on its own share
 of every batch, with its own images and noise, DistributedDataParallel
@@ -319,7 +321,7 @@ def read_data(args, data, snapshot, chosen_path):
         restore = "the image" if args.image_path is not None else "them"
         check_same_data(snapshot["data"], data, resumed=True, fix=f"restore {restore}, or start a new run")
     if not chosen_path:
-        keep_another_models(args.model_save_path, data)
+        keep_another_models(args.model_save_path, data, args)
     return dataset
 
 

@@ -120,18 +120,33 @@ def continue_from(trainer, snapshot, path):
         raise UserError(f"snapshot {path!r} cannot be continued here ({exc})") from None
 
 
-def keep_another_models(path, data):
-    """Refuse a default save path that holds the model of other pictures (a photo that shares its file name)."""
+def keep_another_models(path, data, args):
+    """Refuse a default save path that holds another run's model: of other pictures (a photo that shares its
+    file name), or of the same ones trained with other settings (`python ddpm_train.py --train_steps 100`
+    would replace the shipped model). Only the run that made a model may remake it there."""
     if not os.path.exists(path):
         return
     keep = "so it is kept; choose where this model goes with --model_save_path"
     try:
-        trained_on = read_checkpoint(path)["data"]
+        trained = read_checkpoint(path)
     except UserError:  # not a checkpoint of ours: not ours to replace either
         raise UserError(f"{path!r} exists and is not a checkpoint of this project, {keep}") from None
+    trained_on = trained["data"]
     if data_identity(trained_on) != data.identity:
         source = trained_on.get("image_dir") or trained_on.get("image_path") or f"digits {trained_on.get('digits')}"
         raise UserError(f"{path!r} holds the model of another picture ({source}), {keep}")
+    saved = {**LATER_SETTINGS, **trained["train"].get("args", {})}
+    other = [f"--{name} {_flag_value(saved.get(name))} where this run has {_flag_value(getattr(args, name))}"
+             for name in (*RUN_SETTINGS, *LATER_SETTINGS)
+             if name not in PATH_SETTINGS and _flag_value(saved.get(name)) != _flag_value(getattr(args, name))]
+    if other:
+        raise UserError(f"{path!r} holds a model of the same data trained with other settings "
+                        f"({', '.join(other)}), {keep}")
+
+
+def _flag_value(value):
+    """A setting as it is typed: channel_mults [1, 2, 4] as 1,2,4."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
 
 
 class RunRecord:

@@ -75,6 +75,30 @@ def test_a_photo_with_the_same_file_name_never_replaces_another_pictures_model(t
     assert status == 0, err
 
 
+def test_other_settings_never_replace_the_model_of_the_same_picture(tmp_path, monkeypatch, capsys):
+    """`python ddpm_train.py --train_steps 100` would otherwise replace the shipped model: only the run that made
+    a model may remake it at its default path; another run must name its own."""
+    demo = photo(tmp_path / "images" / "demo.png", seed=0)
+    assert train(monkeypatch=monkeypatch, capsys=capsys)[0] == 0
+    before = {name: open(os.path.join("model_ckpt", name), "rb").read() for name in os.listdir("model_ckpt")}
+
+    for other in (["--train_steps", 3], ["--channel_mults", "1,1"], ["--precision", "bf16"]):
+        status, out, err = train(*other, monkeypatch=monkeypatch, capsys=capsys)
+        lines = [line for line in err.strip().splitlines() if not line.startswith("warning:")]  # no native bf16
+        assert status == 2 and len(lines) == 1, err
+        assert "'model_ckpt/demo_unet.pth' holds a model of the same data trained with other settings" in err
+        assert f"--{other[0][2:]} " in err and "--model_save_path" in err
+    assert "--train_steps 2 where this run has 3" in train("--train_steps", 3, monkeypatch=monkeypatch,
+                                                          capsys=capsys)[2]
+    after = {name: open(os.path.join("model_ckpt", name), "rb").read() for name in os.listdir("model_ckpt")}
+    assert after == before  # nothing written, nothing lost
+
+    status, _, err = train("--train_steps", 3, "--model_save_path", "model_ckpt/longer.pth",
+                           monkeypatch=monkeypatch, capsys=capsys)
+    assert status == 0, err
+    assert os.path.exists(demo)
+
+
 def test_a_file_that_is_not_a_checkpoint_is_not_replaced_either(tmp_path, monkeypatch, capsys):
     os.makedirs("model_ckpt")
     with open("model_ckpt/photo_unet.pth", "wb") as f:

@@ -1,7 +1,7 @@
 """Ablations: what each speed measure of the training step is worth, measured, one at a time.
 
-    python benchmarks/ablations.py              # about 3 minutes on 2 CPU cores
-    python benchmarks/ablations.py --compile    # also torch.compile (a minute more: it compiles)
+    python benchmarks/ablations.py              # about 3 minutes on 2 CPU cores: runs/ablations/ablations.json
+    python benchmarks/ablations.py --compile    # also torch.compile (a minute more): benchmarks/ablations.json
 
 Each row compares the default training step of ddpm_train.py (256 px, batch 1)
 with the same step with ONE measure switched off (or, for torch.compile,
@@ -34,7 +34,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.benchmark import write_results  # noqa: E402
-from ddpm.cli import ArgumentParser, int_in_range, keep_freed_memory, run  # noqa: E402
+from ddpm.cli import (RUNS_FOLDER, ArgumentParser, int_in_range, keep_freed_memory, route_outputs, run,  # noqa: E402
+                      settings_of)
 from ddpm.files import check_writable  # noqa: E402
 from ddpm.machine import describe  # noqa: E402
 from ddpm.diffusion import NoiseSchedule  # noqa: E402
@@ -149,18 +150,32 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def main(argv=None):
+SHIPPED_ARGV = ["--compile"]  # the shipped record's command: python benchmarks/ablations.py --compile
+
+
+def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int_in_range(16, 1024), default=256, help="image side, px (a multiple of 8)")
     parser.add_argument("--rounds", type=int_in_range(1, 1000), default=8, help="alternating rounds per comparison")
     parser.add_argument("--steps", type=int_in_range(1, 1000), default=5, help="training steps per variant per round")
     parser.add_argument("--warmup", type=int_in_range(0, 1000), default=3, help="untimed steps first")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to compile)")
-    parser.add_argument("--json", default="benchmarks/ablations.json", help="where to write the results")
+    parser.add_argument("--json", default=None,
+                        help="where to write the results (default: benchmarks/ablations.json for the shipped "
+                             "record's command, python benchmarks/ablations.py --compile; "
+                             "runs/ablations/ablations.json for any other)")
     parser.add_argument("--_allocator_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not side_fits(args.size, levels=4):
         parser.error(f"--size {args.size} does not fit the four-level U-Net (a multiple of 8)")
+    route_outputs(args, {"json": str(REPO / "benchmarks" / "ablations.json")},
+                  settings_of(parser, args, SHIPPED_ARGV, ignore=("json", "_allocator_child")),
+                  str(REPO / RUNS_FOLDER / "ablations"))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args._allocator_child:
         print(json.dumps(allocator_child(args._allocator_child, args.size, args.steps, args.warmup)))
         return None

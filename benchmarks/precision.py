@@ -1,9 +1,11 @@
 """bf16 against fp32: how much faster each step is, what it costs in quality, and which layers must stay fp32.
 
+    python benchmarks/precision.py --recipes fp32,bf16 --seeds 0,1   # the shipped benchmarks/precision.json
     python benchmarks/precision.py                  # speed, inference, and five whole default runs
     python benchmarks/precision.py --parts speed    # speed only: about 5 minutes
 
-Three parts, written together to benchmarks/precision.json with the machine they ran on:
+Three parts, written together to one JSON record with the machine they ran on: benchmarks/precision.json
+from the shipped record's command, runs/precision/precision.json from any other (--output to choose):
 
 * speed: median milliseconds per step of each workload in fp32 and under bf16 autocast
   (ddpm/precision.py), the two taking turns round by round so that drift of the machine cancels:
@@ -35,7 +37,8 @@ import torch  # noqa: E402
 
 from benchmarks.benchmark import write_results  # noqa: E402
 from ddpm.checkpoint import load_checkpoint  # noqa: E402
-from ddpm.cli import MAX_SEED, ArgumentParser, int_in_range, keep_freed_memory, run  # noqa: E402
+from ddpm.cli import (MAX_SEED, RUNS_FOLDER, ArgumentParser, int_in_range, keep_freed_memory, route_outputs, run,  # noqa: E402
+                      settings_of)
 from ddpm.diffusion import NoiseSchedule, denoise, generate, seeded_noise  # noqa: E402
 from ddpm.files import check_writable  # noqa: E402
 from ddpm.imaging import load_image  # noqa: E402
@@ -237,6 +240,9 @@ def seed_list(text):
     return seeds
 
 
+SHIPPED_ARGV = ["--recipes", "fp32,bf16", "--seeds", "0,1"]  # the command of benchmarks/precision.json
+
+
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -249,8 +255,13 @@ def parse_args(argv=None):
                         help="comma-separated recipes of the quality part (default: all five)")
     parser.add_argument("--seeds", type=seed_list, default=[DEFAULT_RUN["seed"]],
                         help="comma-separated seeds of the quality part's runs (default: 0, the default run's)")
-    parser.add_argument("--output", default="benchmarks/precision.json", help="where to write the JSON results")
+    parser.add_argument("--output", default=None,
+                        help="where to write the JSON results (default: benchmarks/precision.json for the shipped "
+                             f"record's command, python benchmarks/precision.py {' '.join(SHIPPED_ARGV)}; "
+                             "runs/precision/precision.json for any other)")
     args = parser.parse_args(argv)
+    route_outputs(args, {"output": str(REPO / "benchmarks" / "precision.json")},
+                  settings_of(parser, args, SHIPPED_ARGV, ignore=("output",)), str(REPO / RUNS_FOLDER / "precision"))
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     unknown = [p for p in args.parts if p not in ("speed", "inference", "quality")]

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.benchmark import write_results  # noqa: E402
-from ddpm.cli import ArgumentParser, int_in_range, run  # noqa: E402
+from ddpm.cli import RUNS_FOLDER, ArgumentParser, at_defaults, int_in_range, route_outputs, run  # noqa: E402
 from ddpm.files import check_writable  # noqa: E402
 from ddpm.machine import describe  # noqa: E402
 
@@ -98,11 +98,20 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int_in_range(1, 100), default=5, help="alternating rounds per script")
-    parser.add_argument("--json", default="benchmarks/process_tuning.json", help="where to write the results")
+    parser.add_argument("--json", default=None,
+                        help="where to write the results (default: benchmarks/process_tuning.json with the "
+                             "default --rounds, runs/process_tuning/process_tuning.json with any other)")
     args = parser.parse_args(argv)
+    route_outputs(args, {"json": str(REPO / "benchmarks" / "process_tuning.json")},
+                  at_defaults(parser, args, ignore=("json",)), str(REPO / RUNS_FOLDER / "process_tuning"))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     check_writable(args.json, "--json")
     rows = {}
     with tempfile.TemporaryDirectory() as scratch:

@@ -183,8 +183,14 @@ def route_outputs(args, shipped, shipped_run, own_folder):
 
 def at_defaults(parser, args, ignore=()):
     """Whether every setting in ``args`` but those named in ``ignore`` is the parser's default: the shipped run."""
-    defaults = vars(parser.parse_args([]))
-    return all(value == defaults[name] for name, value in vars(args).items() if name not in ignore)
+    return settings_of(parser, args, [], ignore)
+
+
+def settings_of(parser, args, argv, ignore=()):
+    """Whether every setting in ``args`` but those named in ``ignore`` is what the command line ``argv`` gives:
+    the shipped run, where its documented command has flags."""
+    shipped = vars(parser.parse_args(argv))
+    return all(value == shipped[name] for name, value in vars(args).items() if name not in ignore)
 
 
 def model_folder(model_path):

@@ -1,6 +1,7 @@
 """Train the judge: the LeNet-style digit classifier whose features measure generated digits.
 
     python experiments/digit_classifier.py        # under a minute on 2 CPU cores; writes the shipped judge
+    python experiments/digit_classifier.py --epochs 5   # any other settings: runs/digit_classifier/
 
 It learns the 4,000 labelled training digits of data/ (both halves, S1 and S2;
 data.DIGIT_SPLITS) with Adam and random shifts of up to 2 px, and is scored on
@@ -23,7 +24,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from ddpm.cli import ArgumentParser, int_in_range, positive_float, run  # noqa: E402
+from ddpm.cli import RUNS_FOLDER, ArgumentParser, at_defaults, int_in_range, positive_float, route_outputs, run  # noqa: E402
 from ddpm.data import DIGITS_LABELS, DIGITS_SHEET, digits  # noqa: E402
 from ddpm.files import check_writable, write_json  # noqa: E402
 from ddpm.machine import describe  # noqa: E402
@@ -43,9 +44,14 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (cosine decay to 0)")
     parser.add_argument("--channels", default="6,16", help="widths of the two convolutions (LeNet-5: 6,16)")
     parser.add_argument("--seed", type=int_in_range(0, 2**32 - 1), default=0, help="seed for everything")
-    parser.add_argument("--model_path", default=JUDGE_NAME, help="where to write the classifier")
+    parser.add_argument("--model_path", default=None,
+                        help=f"where to write the classifier (default: the shipped judge, {JUDGE_NAME}, with the "
+                             "default settings; runs/digit_classifier/digit_classifier.pth with any other, so that "
+                             "the judge of every shipped quality number stays the shipped one)")
     parser.add_argument("--json_path", default=None, help="its record (default: beside it, .json)")
     args = parser.parse_args(argv)
+    route_outputs(args, {"model_path": JUDGE_NAME}, at_defaults(parser, args, ignore=("model_path", "json_path")),
+                  os.path.join(RUNS_FOLDER, "digit_classifier"))
     try:
         args.channels = [int(c) for c in args.channels.split(",")]
         assert len(args.channels) == 2 and min(args.channels) >= 1

@@ -11,7 +11,11 @@ from conftest import INFER, REPO, run_in_process
 EXPERIMENTS = os.path.join(REPO, "experiments")
 SCRIPTS = {"infer": INFER, "guidance": os.path.join(EXPERIMENTS, "guidance.py"),
            "generalization": os.path.join(EXPERIMENTS, "generalization.py"),
-           "global_context": os.path.join(REPO, "benchmarks", "global_context.py")}
+           "global_context": os.path.join(REPO, "benchmarks", "global_context.py"),
+           "digit_classifier": os.path.join(EXPERIMENTS, "digit_classifier.py"),
+           "ablations": os.path.join(REPO, "benchmarks", "ablations.py"),
+           "precision": os.path.join(REPO, "benchmarks", "precision.py"),
+           "process_tuning": os.path.join(REPO, "benchmarks", "process_tuning.py")}
 
 
 def parse(script, *argv):
@@ -47,6 +51,26 @@ def test_an_experiment_writes_its_shipped_record_only_with_the_shipped_settings(
     args = vars(parse(script, *other))
     own = sorted(path for path in args.values() if isinstance(path, str) and path.startswith("runs" + os.sep))
     assert own == sorted(os.path.join("runs", script, os.path.basename(path)) for path in outputs)
+
+
+@pytest.mark.parametrize("script, flag, shipped, others, path", [
+    ("digit_classifier", "model_path", [], [["--epochs", "5"], ["--seed", "1"]], "model_ckpt/digit_classifier.pth"),
+    ("ablations", "json", ["--compile"], [[], ["--compile", "--rounds", "2"]], "benchmarks/ablations.json"),
+    ("precision", "output", ["--recipes", "fp32,bf16", "--seeds", "0,1"],
+     [[], ["--parts", "speed"], ["--recipes", "fp32,bf16", "--seeds", "0"]], "benchmarks/precision.json"),
+    ("process_tuning", "json", [], [["--rounds", "1"]], "benchmarks/process_tuning.json"),
+])
+def test_a_record_is_written_only_by_its_command(script, flag, shipped, others, path, monkeypatch):
+    """A benchmark's record, or the judge of every quality number, is rewritten only by the command that made it
+    (`python benchmarks/precision.py --parts speed` would otherwise replace the whole record with a part)."""
+    monkeypatch.chdir(REPO)
+
+    def written(*argv):
+        return os.path.relpath(os.path.join(REPO, getattr(parse(script, *argv), flag)), REPO)
+    assert written(*shipped) == path
+    for other in others:
+        assert written(*other) == os.path.join("runs", script, os.path.basename(path)), other
+    assert written(*others[0], f"--{flag}", "mine.json") == "mine.json"  # a path the user gives is used as given
 
 
 def test_a_learners_model_run_end_to_end_leaves_images_alone(tmp_path, tiny_checkpoint, tiny_image, monkeypatch,

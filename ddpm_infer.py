@@ -3,7 +3,9 @@
     python ddpm_infer.py                       # the shipped model and image, t = 500 (w = 0.40)
     python ddpm_infer.py --model_path model_ckpt/my_photo_unet.pth   # your own model, on its own picture:
                                                # its figure goes to runs/my_photo_unet/inference_result.png
-    python ddpm_infer.py --steps 10            # denoise in 10 steps; also draws the trajectory
+    python ddpm_infer.py --steps 10            # denoise in 10 steps; also draws the trajectory: the shipped
+                                               # model's figures at settings other than the README's go to
+                                               # runs/demo_unet/
     python ddpm_infer.py --sweep               # also sweep the noise level from w = 0 to 1
     python ddpm_infer.py --model_path model_ckpt/demo_unet_full_noise.pth --t 1000 --steps 50
     python ddpm_infer.py --model_path model_ckpt/demo_unet_full_noise.pth --t 1000 --steps 50 --eta 1
@@ -21,7 +23,7 @@ import torch
 
 from ddpm.checkpoint import load_checkpoint
 from ddpm.cli import (MAX_SEED, ArgumentParser, add_device_argument, int_in_range, model_folder, pick_device,
-                      route_outputs, run, warn, zero_to_one)
+                      route_outputs, run, settings_of, warn, zero_to_one)
 from ddpm.data import recorded_training_data
 from ddpm.diffusion import NUM_TIMESTEPS, denoise, noise_stream, timestep_grid
 from ddpm.errors import UserError
@@ -32,9 +34,13 @@ from ddpm.metrics import psnr, ssim
 from ddpm.precision import add_precision_argument, autocast, check_precision
 
 SHIPPED_MODEL = "model_ckpt/demo_unet.pth"
-# the shipped model's figures; another model's go to runs/<checkpoint name>/, under the same names
+# the shipped model's figures, each with the settings of the README command that draws it; another model's
+# figures, or the shipped model's at other settings, go to runs/<checkpoint name>/, under the same names
 SHIPPED_FIGURES = {"result_path": "images/inference_result.png", "trajectory_path": "images/denoise_trajectory.png",
                    "sweep_path": "images/noise_sweep.png"}
+SHIPPED_SETTINGS = {"result_path": [], "trajectory_path": ["--t", "1000", "--steps", "10"], "sweep_path": ["--sweep"]}
+# flags that choose where the figures go, or which are drawn, but change none of them
+WHERE_AND_WHICH = ("result_path", "output_path", "trajectory_path", "gif", "sweep", "sweep_path")
 SWEEP_WEIGHTS = [i / 10 for i in range(11)]  # w = 0, 0.1, ..., 1
 SWEEP_STEPS = 10  # the sweep's multi-step curve, unless --steps says otherwise
 
@@ -49,7 +55,8 @@ def parse_args(argv=None):
     parser.add_argument("--model_path", default=SHIPPED_MODEL, help="checkpoint written by ddpm_train.py")
     parser.add_argument("--result_path", default=None,
                         help=f"where to write the figure (default: {SHIPPED_FIGURES['result_path']} for the shipped "
-                             "model, runs/<checkpoint name>/inference_result.png for any other)")
+                             "model at the default settings, runs/<checkpoint name>/inference_result.png "
+                             "otherwise)")
     parser.add_argument("--output_path", default=None,
                         help="also save the denoised image alone as a PNG here (default: not saved)")
     parser.add_argument("--t", type=int_in_range(0, NUM_TIMESTEPS), default=500,
@@ -59,14 +66,15 @@ def parse_args(argv=None):
                              f"denoising; the sweep's multi-step curve uses {SWEEP_STEPS})")
     parser.add_argument("--trajectory_path", default=None,
                         help="where the trajectory figure goes when --steps is above 1 (default: "
-                             f"{SHIPPED_FIGURES['trajectory_path']}, or runs/<checkpoint name>/ for another model)")
+                             f"{SHIPPED_FIGURES['trajectory_path']} for the shipped model with --t 1000 --steps 10, "
+                             "runs/<checkpoint name>/ otherwise)")
     parser.add_argument("--gif", default=None, metavar="PATH",
                         help="also save the trajectory as an animated GIF here (default: not saved)")
     parser.add_argument("--sweep", action="store_true",
                         help="also denoise at every noise level w = 0, 0.1, ..., 1 and plot PSNR against w")
     parser.add_argument("--sweep_path", default=None,
-                        help=f"where the sweep figure goes (default: {SHIPPED_FIGURES['sweep_path']}, or "
-                             "runs/<checkpoint name>/ for another model)")
+                        help=f"where the sweep figure goes (default: {SHIPPED_FIGURES['sweep_path']} for the shipped "
+                             "model at the default settings, runs/<checkpoint name>/ otherwise)")
     parser.add_argument("--eta", type=zero_to_one, default=0.0,
                         help="fresh noise per step: 0 is the deterministic DDIM step, 1 is DDPM's ancestral "
                              "sampling (ddpm/diffusion.py, ddim_step)")
@@ -75,7 +83,10 @@ def parse_args(argv=None):
     add_device_argument(parser)
     add_precision_argument(parser)
     args = parser.parse_args(argv)
-    route_outputs(args, SHIPPED_FIGURES, same_place(args.model_path, SHIPPED_MODEL), model_folder(args.model_path))
+    for name, path in SHIPPED_FIGURES.items():  # each shipped figure is redrawn only by the command that drew it
+        shipped_run = (same_place(args.model_path, SHIPPED_MODEL)
+                       and settings_of(parser, args, SHIPPED_SETTINGS[name], ignore=("model_path", *WHERE_AND_WHICH)))
+        route_outputs(args, {name: path}, shipped_run, model_folder(args.model_path))
     return args
 
 

@@ -26,8 +26,17 @@ def parse(script, *argv):
 def test_the_shipped_model_writes_the_shipped_figures_and_any_other_its_own(monkeypatch):
     monkeypatch.chdir(REPO)  # where the README's commands run
     shipped = parse("infer")
-    assert (shipped.result_path, shipped.trajectory_path, shipped.sweep_path) == (
-        "images/inference_result.png", "images/denoise_trajectory.png", "images/noise_sweep.png")
+    assert shipped.result_path == "images/inference_result.png"
+    assert parse("infer", "--sweep").sweep_path == "images/noise_sweep.png"
+    assert parse("infer", "--sweep").result_path == "images/inference_result.png"  # the same figure
+    assert parse("infer", "--t", "1000", "--steps", "10", "--result_path", "images/inference_result_10_steps.png",
+                 "--gif", "images/denoise_trajectory.gif").trajectory_path == "images/denoise_trajectory.png"
+    # the shipped model at other settings draws other figures: they go to its own folder
+    for other in (["--t", "300"], ["--steps", "10"], ["--sweep", "--seed", "1"], ["--precision", "bf16"]):
+        own = parse("infer", *other)
+        assert (own.result_path, own.trajectory_path, own.sweep_path) == (
+            "runs/demo_unet/inference_result.png", "runs/demo_unet/denoise_trajectory.png",
+            "runs/demo_unet/noise_sweep.png"), other
     for model in ("model_ckpt/my_photo_unet.pth", "model_ckpt/demo_unet_full_noise.pth"):
         own = parse("infer", "--model_path", model)
         folder = os.path.join("runs", os.path.splitext(os.path.basename(model))[0])

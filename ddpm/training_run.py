@@ -139,6 +139,9 @@ def keep_another_models(path, data, args):
     other = [f"--{name} {_flag_value(saved.get(name))} where this run has {_flag_value(getattr(args, name))}"
              for name in (*RUN_SETTINGS, *LATER_SETTINGS)
              if name not in PATH_SETTINGS and _flag_value(saved.get(name)) != _flag_value(getattr(args, name))]
+    processes, here = trained["train"].get("processes", 1), rank_and_world_size()[1]
+    if processes != here:  # each process draws its own noise: another count trains another model
+        other.append(f"{processes} process{'es' if processes > 1 else ''} where this run has {here}")
     if other:
         raise UserError(f"{path!r} holds a model of the same data trained with other settings "
                         f"({', '.join(other)}), {keep}")

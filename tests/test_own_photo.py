@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 from PIL import Image
 
+import ddpm.training_run
 from conftest import INFER, TINY_NET, TRAIN, run_in_process, smooth_test_image
 
 QUICK = ["--img_size", 16, "--train_steps", 2, "--eval_every", 0, *TINY_NET]
@@ -90,6 +91,10 @@ def test_other_settings_never_replace_the_model_of_the_same_picture(tmp_path, mo
         assert f"--{other[0][2:]} " in err and "--model_save_path" in err
     assert "--train_steps 2 where this run has 3" in train("--train_steps", 3, monkeypatch=monkeypatch,
                                                           capsys=capsys)[2]
+    with monkeypatch.context() as patch:  # the same command under torchrun, in two processes
+        patch.setattr(ddpm.training_run, "rank_and_world_size", lambda: (0, 2))
+        status, _, err = train(monkeypatch=monkeypatch, capsys=capsys)
+    assert status == 2 and "(1 process where this run has 2)" in err, err
     after = {name: open(os.path.join("model_ckpt", name), "rb").read() for name in os.listdir("model_ckpt")}
     assert after == before  # nothing written, nothing lost
 

@@ -42,6 +42,23 @@ def test_round_trip_rebuilds_the_same_network(tmp_path):
         assert torch.equal(loaded(x_t, t), model(x_t, t))
 
 
+
+def test_a_checkpoint_from_before_the_networks_options_loads_as_the_plain_unet(tmp_path):
+    """A model_config written before attention, coordinates, the canvas and classes existed names only the
+    first three arguments; it loads as the plain U-Net it was, with the same outputs."""
+    path = tmp_path / "old.pth"
+    model = make_checkpoint(path)
+    rewrite(path, lambda c: c.update(model_config={k: c["model_config"][k]
+                                                   for k in ("in_channels", "base_channels", "channel_mults")}))
+    loaded, _, _ = load_checkpoint(str(path))
+    assert not loaded.config["attention"] and not loaded.config["coords"]
+    assert loaded.config["canvas_size"] is None and loaded.null_class is None
+    x_t, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x_t, t), model(x_t, t))
+
+
 def test_the_file_is_plain_data_for_the_safe_loader(tmp_path):
     path = tmp_path / "m.pth"
     make_checkpoint(path)

@@ -89,7 +89,7 @@ def test_shipped_run_records_name_the_documented_command_and_the_shipped_path(pa
 
 
 @pytest.mark.parametrize("path, max_noise, changed, canvas_size", [
-    (CHECKPOINT, 0.8, {}, None),  # the denoiser: a plain U-Net (its file predates the options)
+    (CHECKPOINT, 0.8, {}, None),  # the denoiser: a plain U-Net
     (FULL_NOISE, 1.0, {"batch_size": 4, "train_steps": 1000}, 256),  # the generator: with a canvas
 ])
 def test_shipped_checkpoints_were_made_by_the_documented_commands(path, max_noise, changed, canvas_size):
@@ -98,7 +98,7 @@ def test_shipped_checkpoints_were_made_by_the_documented_commands(path, max_nois
     assert {k: args[k] for k in DEFAULT_RUN} == {**DEFAULT_RUN, **changed}
     assert model.config["canvas_size"] == canvas_size
     assert not model.config["attention"] and not model.config["coords"]
-    assert model.null_class is None and "num_classes" not in checkpoint["model_config"]  # predates classes, loads as is
+    assert model.null_class is None and not checkpoint["model_config"].get("num_classes")  # unconditional
     assert args["max_noise"] == max_noise and schedule.max_noise == max_noise
     assert checkpoint["train"]["step"] == args["train_steps"] and "resume" not in checkpoint
     record = json.load(open(path[: -len(".pth")] + ".json"))
@@ -218,11 +218,13 @@ def test_the_reference_quotes_the_training_run_as_its_record_has_it():
     for db, step, sec in milestones:
         assert f"{db:g} dB at step {step} ({sec} s)" in english.replace("**", "")
     assert f"ended at {final:.2f} dB" in english
+    assert f"On a 2-core {record['machine']['cpu']} ({', '.join(record['machine']['cpu_flags'])})" in english
     chinese = "".join(readme("docs/reference.zh.md").split())
     assert f"用时{round(record['wall_time_s'])}秒" in chinese and f"最终损失{record['final_loss']:.6f}" in chinese
     for db, step, sec in milestones:
         assert f"在第{step}步（{sec}秒）" in chinese.replace("**", "") and f"{db:g}dB" in chinese
     assert f"最后达到{final:.2f}dB" in chinese
+    assert f"双核{record['machine']['cpu']}（{'、'.join(record['machine']['cpu_flags'])}）".replace(" ", "") in chinese
 
 
 def test_result_figure_is_a_three_panel_png_about_1500_px_wide():
@@ -378,8 +380,7 @@ def test_the_own_photo_timings_are_the_ones_benchmarks_own_photo_wrote():
 # Records written before their scripts named the machine. Naming it honestly means measuring again: the
 # ablations on a quiet machine, the demo models by training them again (and re-shipping their checkpoints and
 # figures). So they are listed here, not patched by hand, and no new record may join them.
-RECORDS_WITHOUT_A_MACHINE = {"benchmarks/ablations.json", "model_ckpt/demo_unet.json",
-                             "model_ckpt/demo_unet_full_noise.json"}
+RECORDS_WITHOUT_A_MACHINE = {"benchmarks/ablations.json", "model_ckpt/demo_unet_full_noise.json"}
 
 
 def shipped_records():

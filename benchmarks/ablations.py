@@ -76,7 +76,8 @@ def default_trainer(x0, steps, channels_last=True, trainer_class=Trainer, compil
         model = model.to(memory_format=torch.channels_last)
     trainer = trainer_class(model, x0, NoiseSchedule(), steps, 1e-3, generator=torch.Generator().manual_seed(0))
     if compiled:
-        trainer.model = torch.compile(model)  # the optimizer keeps the original parameters
+        # the forward pass runs trainer.network; trainer.model, the optimizer and clipping keep the parameters
+        trainer.network = torch.compile(trainer.network)
     return trainer
 
 

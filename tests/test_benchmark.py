@@ -219,6 +219,16 @@ def test_quick_run_of_ours_writes_a_complete_report(tmp_path):
                         ours["flops_per_step"] / (ours["step_ms_continuous"] / 1e3) / report["matmul_peak"]["peak"])
 
 
+def test_the_compile_ablation_trains_through_the_compiled_network():
+    """The Trainer's forward pass runs Trainer.network (the model, or its DDP wrapper): the compiled variant
+    must put torch.compile there, or it times the eager network against itself."""
+    from benchmarks import ablations
+
+    trainer = ablations.default_trainer(torch.zeros(1, 3, 32, 32), 2, compiled=True)
+    assert isinstance(trainer.network, torch._dynamo.eval_frame.OptimizedModule)
+    assert trainer.network._orig_mod is trainer.model  # the optimizer steps the parameters that run compiled
+
+
 @pytest.mark.slow
 def test_ablations_compare_each_measure_against_the_default_step(tmp_path):
     """benchmarks/ablations.py at 32 px: every row present, ratios are the per-round medians, the

@@ -42,7 +42,6 @@ def test_round_trip_rebuilds_the_same_network(tmp_path):
         assert torch.equal(loaded(x_t, t), model(x_t, t))
 
 
-
 def test_a_checkpoint_from_before_the_networks_options_loads_as_the_plain_unet(tmp_path):
     """A model_config written before attention, coordinates, the canvas and classes existed names only the
     first three arguments; it loads as the plain U-Net it was, with the same outputs."""

@@ -298,6 +298,12 @@ def test_the_unseen_photo_lesson_quotes_what_the_command_prints():
         assert f"{noisy:.2f}" in readme(name) and f"{output:.2f}" in readme(name), name
 
 
+def assert_bf16_inference_agrees_with_fp32(report):
+    """Each inference row of a benchmarks/precision.py record: bf16's output within 50 dB PSNR of fp32's."""
+    for row in report["inference"].values():
+        assert row.get("bf16_against_fp32", row.get("bf16_against_fp32_psnr_db")) > 50  # dB: the same results
+
+
 def test_the_bf16_page_shows_what_benchmarks_precision_py_measured():
     """benchmarks/README.md's bf16 tables are the ones benchmarks/precision.py wrote, on a CPU with native bf16,
     with the recipe ddpm/precision.py runs among those measured."""
@@ -337,8 +343,7 @@ def test_the_bf16_page_shows_how_slow_the_emulation_is_where_the_cpu_lacks_bf16(
     speedups = [row["speedup"] for row in report["speed"].values()]
     assert max(speedups) < 1  # every workload slower: the advice to keep fp32 there stands
     assert f"{min(speedups):.2f}x to {max(speedups):.2f}x the speed" in page
-    for row in report["inference"].values():
-        assert row.get("bf16_against_fp32", row.get("bf16_against_fp32_psnr_db")) > 50  # dB: the same results
+    assert_bf16_inference_agrees_with_fp32(report)
 
 
 def test_the_bf16_page_shows_the_gain_where_the_cpu_has_avx512_bf16_without_amx():
@@ -359,8 +364,7 @@ def test_the_bf16_page_shows_the_gain_where_the_cpu_has_avx512_bf16_without_amx(
                  "training step, 28 px digits, batch 64, base 32",
                  "training step, 28 px digits, batch 64, base 16, plain autocast"):
         assert f"{speed[name]['speedup']:.2f}x" in page
-    for row in report["inference"].values():
-        assert row.get("bf16_against_fp32", row.get("bf16_against_fp32_psnr_db")) > 50  # dB: the same results
+    assert_bf16_inference_agrees_with_fp32(report)
 
 
 def test_the_own_photo_timings_are_the_ones_benchmarks_own_photo_wrote():

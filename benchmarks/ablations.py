@@ -1,7 +1,7 @@
 """Ablations: what each speed measure of the training step is worth, measured, one at a time.
 
-    python benchmarks/ablations.py              # about 3 minutes on 2 CPU cores: runs/ablations/ablations.json
-    python benchmarks/ablations.py --compile    # also torch.compile (a minute more): benchmarks/ablations.json
+    python benchmarks/ablations.py              # about 4 minutes on 2 CPU cores: runs/ablations/ablations.json
+    python benchmarks/ablations.py --compile    # also torch.compile (5 minutes in all): benchmarks/ablations.json
 
 Each row compares the default training step of ddpm_train.py (256 px, batch 1)
 with the same step with ONE measure switched off (or, for torch.compile,

@@ -247,6 +247,39 @@ def test_speed_page_shows_the_shipped_benchmark_results_as_measured():
     assert ablations.format_table(rows) in readme(name)
 
 
+
+def test_the_bf16_comparison_with_the_peers_is_shown_as_measured():
+    """benchmarks/README.md shows the whole report of `python benchmarks/benchmark.py --precision bf16`, and its
+    lessons quote the record: the ranking, the PSNR beside fp32's, the share of peak and attention's FLOPs."""
+    from benchmarks import benchmark
+
+    bf16 = json.load(open(os.path.join(REPO, "benchmarks", "results_bf16.json")))
+    fp32 = json.load(open(os.path.join(REPO, "benchmarks", "results.json")))
+    page = readme("benchmarks/README.md")
+    prose = " ".join(page.split())  # the lessons' sentences, whatever their line breaks
+    assert bf16["command"] == "python benchmarks/benchmark.py --precision bf16"  # the page's command
+    assert bf16["settings"]["precision"] == "bf16" and bf16["machine"]["processor"] in page
+    assert benchmark.format_report(bf16) in page
+    rates = bf16["matmul_peak"]["rates"]
+    assert rates["1x1 conv bf16"] > 1.9 * rates["1x1 conv fp32"]  # "twice its fp32 one": native bf16
+    assert f"took {bf16['seconds'] / 60:.1f} minutes" in prose
+    sizes, top = list(bf16["sizes"]), list(bf16["sizes"])[-1]
+    for peers in (["diffusers"], ["lucidrains"], ["diffusers+attn", "lucidrains+attn"]):
+        ratios = [bf16["sizes"][size][peer]["ratio_to_ours"] for size in sizes for peer in peers]
+        assert min(ratios) > 1  # ours stays the fastest
+        assert f"{min(ratios):.2f}-{max(ratios):.2f} times" in prose
+    for record, follows in ((bf16, "dB at 64, 128 and 256 px"), (fp32, "dB in the fp32 tables")):
+        psnrs = [f"{record['sizes'][size]['ours']['psnr_equal_steps']:.2f}" for size in sizes]
+        assert f"{', '.join(psnrs[:-1])} and {psnrs[-1]} {follows}" in prose
+    assert f"{bf16['sizes'][top]['ours']['fraction_of_peak']:.0%} of the bf16 peak" in prose
+    assert f"{fp32['sizes'][top]['ours']['fraction_of_peak']:.0%} of the fp32 one" in prose
+    counted, uncounted = (record["sizes"][top]["diffusers+attn"]["flops_per_step"] / 1e9 for record in (bf16, fp32))
+    assert counted > 2 * uncounted  # "of which the attention is more than half"
+    assert f"{counted:.2f} GFLOP" in prose and f"{uncounted:.2f} GFLOP" in prose
+    spread = bf16["sizes"][top]["diffusers"]
+    assert f"{spread['ratio_min']:.2f}-{spread['ratio_max']:.2f} times ours" in prose
+
+
 def test_the_ablation_lessons_quote_the_ablation_record():
     """Each bullet under "What made it fast" quotes its row of benchmarks/ablations.json: the change in time,
     the page faults, the compile time and the spread of single rounds; and says which way its measure went."""
